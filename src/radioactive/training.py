@@ -1,0 +1,227 @@
+"""Reference recipes that play the trainer, to test a mark.
+
+* ``linear``: a linear classifier on the frozen features of the marking
+  network (transfer learning; Sablayrolles et al. 2020, Section 5.1).
+* ``scratch``: a torchvision architecture trained from random initialisation
+  (Section 5.2); ``resnet18_cifar`` by default.
+
+Both use the trainer's usual augmentation: random crop with 4 px zero padding
++ horizontal flip (torchvision.transforms.v2). Marking and detection never
+import this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+from tqdm.auto import tqdm
+
+from . import __version__
+from .data import atomic_write_bytes, list_image_folder, load_folder_array
+from .errors import RadioactiveError
+from .networks import (CIFAR_MEAN, CIFAR_STD, SIDECAR_SCHEMA, FeatureNetwork, LinearProbe, MarkingNetworkSpec,
+                       Preprocessing, build_architecture, load_marking_network, sidecar_path)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A trainer recipe.
+
+    Attributes:
+        recipe: ``linear`` or ``scratch``.
+        architecture: for ``scratch``: ``resnet18_cifar`` or a torchvision model name.
+        backbone: for ``linear``: the frozen network (a marking network spec).
+        epochs: passes over the training set.
+        views: for ``linear``: augmented views of each training image whose
+            frozen features are extracted once and reused by the epochs.
+        batch_size: images (or feature vectors) per step.
+        lr: peak learning rate (SGD with momentum 0.9 and a cosine schedule
+            for ``scratch``; Adam for ``linear``).
+        weight_decay: L2 weight decay.
+        image_size: side in px training images are resized to (None keeps them).
+        seed: seeds initialisation, augmentation and batch order.
+    """
+
+    recipe: str = "linear"
+    architecture: str = "resnet18_cifar"
+    backbone: MarkingNetworkSpec = MarkingNetworkSpec()
+    epochs: int = 30
+    views: int = 2
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    image_size: int | None = 32
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.recipe not in ("linear", "scratch"):
+            raise RadioactiveError(f"recipe must be 'linear' or 'scratch', got {self.recipe!r}")
+        if self.epochs < 1 or self.views < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise RadioactiveError("epochs, views and batch_size must be >= 1 and lr > 0")
+
+
+@dataclass
+class TrainResult:
+    """Where the suspect was written and how well it classifies.
+
+    Attributes:
+        weights: safetensors file. sidecar: JSON description beside it.
+        test_accuracy: top-1 on the test folder, in [0, 1].
+        seconds: wall time.
+    """
+
+    weights: str
+    sidecar: str
+    test_accuracy: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _augment(batch: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """Random crop with zero padding + horizontal flip, drawn per image from torch's RNG.
+    (B, 3, H, W) uint8 -> (B, 3, H, W) uint8."""
+    h, w = batch.shape[-2:]
+    t = v2.Compose([v2.RandomCrop((h, w), padding=pad), v2.RandomHorizontalFlip()])
+    return torch.stack([t(img) for img in batch])
+
+
+@torch.no_grad()
+def _features(net: FeatureNetwork, images: torch.Tensor, batch_size: int = 250, augment: bool = False,
+              desc: str = "features", progress: bool = False) -> torch.Tensor:
+    out = []
+    for s in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress):
+        b = images[s:s + batch_size]
+        if augment:
+            b = _augment(b)
+        out.append(net.features(b.float() / 255))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 250) -> float:
+    """Top-1 of ``model`` ((B,3,H,W) [0,1] -> logits) on uint8 images (N,3,H,W), labels (N,)."""
+    model.eval()
+    correct = 0
+    for s in range(0, len(images), batch_size):
+        logits = model(images[s:s + batch_size].float() / 255)
+        correct += int((logits.argmax(1) == labels[s:s + batch_size]).sum())
+    return correct / len(images)
+
+
+def _load(folder: Path, size: int | None, classes=None):
+    f = list_image_folder(folder, classes)
+    x, y = load_folder_array(f, size)
+    return f, torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y)
+
+
+def train(train_dir: str | Path, test_dir: str | Path, output: str | Path, config: TrainConfig = TrainConfig(),
+          progress: bool = True) -> TrainResult:
+    """Train a suspect with a reference recipe and save it.
+
+    Args:
+        train_dir: ImageFolder-style training images (possibly a marked copy).
+        test_dir: ImageFolder-style test images with the same classes.
+        output: weights file to write (``.safetensors``); the JSON sidecar is
+            written beside it with the same stem.
+        config: the recipe.
+        progress: show progress bars.
+
+    Returns:
+        paths and test accuracy.
+
+    Raises:
+        RadioactiveError: unreadable folders, class mismatch between splits.
+    """
+    from safetensors.torch import save
+
+    t0 = time.time()
+    output = Path(output)
+    if output.suffix != ".safetensors":
+        raise RadioactiveError(f"weights are written as .safetensors, got {output.name}")
+    train_f, x_train, y_train = _load(Path(train_dir), config.image_size)
+    _, x_test, y_test = _load(Path(test_dir), config.image_size, train_f.classes)
+    classes = list(train_f.classes)
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        if config.recipe == "linear":
+            model, state, meta = _train_linear(x_train, y_train, len(classes), config, progress)
+        else:
+            model, state, meta = _train_scratch(x_train, y_train, len(classes), config, progress)
+    acc = accuracy(model, x_test, y_test)
+    meta.update({
+        "schema": SIDECAR_SCHEMA, "package_version": __version__, "kind": "radioactive-suspect",
+        "classes": classes, "recipe": asdict(config), "test_accuracy": acc,
+        "train_dir": str(Path(train_dir)), "num_train": len(x_train), "num_test": len(x_test),
+    })
+    meta["recipe"]["backbone"] = config.backbone.to_dict()
+    atomic_write_bytes(output, save({k: v.contiguous() for k, v in state.items()}))
+    side = sidecar_path(output)
+    atomic_write_bytes(side, json.dumps(meta, indent=2).encode())
+    log.info("trained %s suspect: test accuracy %.4f", config.recipe, acc)
+    return TrainResult(str(output), str(side), acc, time.time() - t0)
+
+
+def _train_linear(x, y, num_classes, config, progress):
+    backbone, spec = load_marking_network(config.backbone)
+    views = [_features(backbone, x, augment=True, desc=f"features view {v + 1}", progress=progress)
+             for v in range(config.views)]
+    feats = torch.cat(views)
+    labels = y.repeat(config.views)
+    probe = LinearProbe(backbone, num_classes)
+    opt = torch.optim.Adam(probe.head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    n = len(feats)
+    for _ in tqdm(range(config.epochs), desc="linear epochs", disable=not progress):
+        perm = torch.randperm(n)
+        for s in range(0, n, config.batch_size):
+            idx = perm[s:s + config.batch_size]
+            loss = F.cross_entropy(probe.head(feats[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    meta = {"architecture": "linear", "backbone": spec.to_dict(), "classifier": "head",
+            "preprocessing": Preprocessing(None).to_dict()}
+    return probe, probe.head.state_dict(), meta
+
+
+def _train_scratch(x, y, num_classes, config, progress):
+    pre = Preprocessing(config.image_size, CIFAR_MEAN, CIFAR_STD)
+    model = build_architecture(config.architecture, num_classes)
+    net = FeatureNetwork(model, pre)
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
+                          weight_decay=config.weight_decay)
+    steps = config.epochs * ((len(x) + config.batch_size - 1) // config.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps, pct_start=0.15)
+    for epoch in range(config.epochs):
+        model.train()
+        perm = torch.randperm(len(x))
+        bar = tqdm(range(0, len(x), config.batch_size), desc=f"epoch {epoch + 1}/{config.epochs}",
+                   disable=not progress)
+        for s in bar:
+            idx = perm[s:s + config.batch_size]
+            logits = net(_augment(x[idx]).float() / 255)
+            loss = F.cross_entropy(logits, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    meta = {"architecture": config.architecture, "classifier": net.classifier_name, "preprocessing": pre.to_dict()}
+    return net, model.state_dict(), meta
+
+
+def default_lr(recipe: str) -> float:
+    """Peak learning rate of a recipe when none is given."""
+    return 1e-3 if recipe == "linear" else 0.05
+
