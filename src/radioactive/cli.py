@@ -96,17 +96,24 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line (exit status 2); `--help` shows the full usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _sub(subs, name, help_, example):
     return subs.add_parser(name, help=help_, description=f"{help_}\n\nexample:\n  {example}",
                            formatter_class=_Formatter)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="radioactive", formatter_class=_Formatter,
+    p = _Parser(prog="radioactive", formatter_class=_Formatter,
                                 description="Mark an image dataset and detect models trained on it (radioactive data).")
     p.add_argument("--version", action="version", version=f"radioactive {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    subs = p.add_subparsers(dest="command", required=True)
+    subs = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     k = _sub(subs, "keygen", "draw a secret key: one random unit carrier per class",
              "radioactive keygen --data ../shared/data/cifar10-jpeg.tar.gz --output key.safetensors")
@@ -157,18 +164,36 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--image-size", type=_positive_int, default=TC.image_size, help="side training images are resized to")
     t.add_argument("--seed", type=_nonneg_int, default=TC.seed, help="seed of initialisation and augmentation")
 
-    d = _sub(subs, "detect", "white-box test: was the suspect trained on data marked with this key?",
-             "radioactive detect --suspect suspect.safetensors --key key.safetensors --images test/ --output result.json")
-    d.add_argument("--suspect", type=_existing, required=True, help="suspect weights (.safetensors with its .json sidecar)")
-    d.add_argument("--key", type=_existing, required=True, help="key file")
-    d.add_argument("--images", type=_existing, required=True,
-                   help="vanilla held-out image folder (never marked images) to fit the alignment")
+    d = _sub(subs, "detect", "test a suspect: was it trained on data marked with this key?",
+             "radioactive detect --suspect suspect.safetensors --key key.safetensors --images test/ --output result.json\n"
+             "  radioactive detect --method black-box --record released.record.jsonl --outputs api-outputs.jsonl")
+    d.add_argument("--method", choices=("white-box", "black-box"), default="white-box",
+                   help="white-box: weights needed; black-box: outputs on marked and vanilla images only")
+    d.add_argument("--suspect", type=_existing, default=None, help="suspect weights (.safetensors with its .json sidecar)")
+    d.add_argument("--key", type=_existing, default=None, help="key file (white-box)")
+    d.add_argument("--images", type=_existing, default=None,
+                   help="white-box: vanilla held-out image folder (never marked images) to fit the alignment")
+    d.add_argument("--record", type=_existing, default=None, help="black-box: the private record written by mark")
+    d.add_argument("--outputs", type=_existing, default=None,
+                   help="black-box: JSON lines or CSV of the suspect's outputs (path, logits or probs)")
     d.add_argument("--output", type=Path, default=None, help="result JSON to write")
     d.add_argument("--plot", type=Path, default=None, help="PNG of per-class cosines against the null density")
     d.add_argument("--alpha", type=_alpha, default=1e-3, help="significance level of the verdict")
     d.add_argument("--ridge", type=_nonneg_float, default=0.0, help="alignment ridge weight")
     d.add_argument("--classes", default=None, help="test only these classes (comma-separated), e.g. the marked ones")
     d.add_argument("--max-images", type=_positive_int, default=None, help="use at most this many images")
+    d.add_argument("--decoys", type=_nonneg_int, default=0,
+                   help="white-box: also score this many fresh random keys and report the real key's rank")
+
+    c = _sub(subs, "calibrate", "check that keys a model never saw give uniform p-values",
+             "radioactive calibrate --suspect vanilla.safetensors --key key.safetensors --images test/ --keys 1000")
+    c.add_argument("--suspect", type=_existing, default=None, help="a model (default: random classifier weights)")
+    c.add_argument("--key", type=_existing, required=True,
+                   help="a key, for its marking network and classes (its carriers are not used)")
+    c.add_argument("--images", type=_existing, default=None, help="vanilla images to fit the alignment (with --suspect)")
+    c.add_argument("--keys", type=_positive_int, default=1000, help="fresh keys to score")
+    c.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the fresh keys")
+    c.add_argument("--output", type=Path, default=None, help="result JSON to write")
 
     e = _sub(subs, "demo", "the whole story on CIFAR-10: keygen, mark, train a suspect and a control, detect, report",
              "radioactive demo --output-dir demo-output")
@@ -195,7 +220,7 @@ def _cifar_train(source: Path) -> Path:
     return source
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "keygen":
         from .data import list_image_folder
         from .keys import generate_key
@@ -231,19 +256,46 @@ def run(args: argparse.Namespace) -> int:
                           weight_decay=wd, image_size=args.image_size, seed=args.seed)
         _emit(train(args.train, args.test, args.output, cfg, progress=sys.stderr.isatty()).to_dict())
     elif args.command == "detect":
-        from .detection import detect
         from .keys import Key
         from .report import plot_cosines
 
         only = [c.strip() for c in args.classes.split(",")] if args.classes else None
-        result = detect(args.suspect, Key.load(args.key), args.images, alpha=args.alpha, ridge=args.ridge,
-                        only_classes=only, max_images=args.max_images)
+        if args.method == "white-box":
+            from .detection import detect
+
+            if args.suspect is None or args.key is None or args.images is None:
+                parser.error("white-box detection needs --suspect, --key and --images")
+            result = detect(args.suspect, Key.load(args.key), args.images, alpha=args.alpha, ridge=args.ridge,
+                            only_classes=only, max_images=args.max_images, decoys=args.decoys)
+        else:
+            from .blackbox import blackbox_detect
+
+            if args.record is None or (args.suspect is None) == (args.outputs is None):
+                parser.error("black-box detection needs --record and one of --suspect or --outputs")
+            result = blackbox_detect(args.record, args.suspect, args.outputs, alpha=args.alpha, classes=only)
+        if args.plot and result.method == "white-box":
+            plot_cosines(result, args.plot)
         if args.output:
             result.save(args.output)
-        if args.plot:
-            plot_cosines(result, args.plot)
         print(result.verdict(), file=sys.stderr)
         _emit(result.to_dict())
+    elif args.command == "calibrate":
+        from .calibration import calibrate_weights, random_weights
+        from .data import atomic_write_bytes
+        from .detection import pull_back
+        from .keys import Key
+
+        key = Key.load(args.key)
+        if args.suspect is None:
+            w, name = random_weights(len(key.classes), key.dim, args.seed + 1), f"random weights {len(key.classes)}x{key.dim}"
+        else:
+            if args.images is None:
+                parser.error("calibrating a suspect needs --images (vanilla images for the alignment)")
+            w, name = pull_back(args.suspect, key, args.images)[0], str(args.suspect)
+        result = calibrate_weights(w, args.keys, args.seed, name).to_dict()
+        if args.output:
+            atomic_write_bytes(args.output, json.dumps(result, indent=2).encode())
+        _emit(result)
     elif args.command == "demo":
         import dataclasses
 
@@ -271,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return run(args)
+        return run(args, parser)
     except RadioactiveError as e:
         print(f"radioactive {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from .data import atomic_write_bytes, cifar10_subset
+from .blackbox import blackbox_detect
 from .detection import detect
 from .errors import RadioactiveError
 from .keys import generate_key
@@ -31,6 +32,7 @@ class DemoConfig:
         marked_fraction: q, share of the training images marked, in (0, 1].
         seed: seeds the key, the selection, marking and both trainings.
         alpha: significance level of the verdicts.
+        decoys: fresh random keys scored against each suspect (empirical p-value).
         marking: marking settings. training: the trainer's recipe.
     """
 
@@ -39,6 +41,7 @@ class DemoConfig:
     marked_fraction: float = 0.1
     seed: int = 0
     alpha: float = 1e-3
+    decoys: int = 200
     marking: MarkingConfig = MarkingConfig()
     training: TrainConfig = field(default_factory=lambda: TrainConfig(recipe="linear", epochs=30, views=2))
 
@@ -75,14 +78,19 @@ def run_demo(output_dir: str | Path, config: DemoConfig = DemoConfig(), archive:
     plots = {}
     for name, data in (("marked", released), ("vanilla", train_dir)):
         trained = train(data, test_dir, out / "models" / f"{name}.safetensors", config.training, progress=progress)
-        result = detect(trained.weights, key, test_dir, alpha=config.alpha)
+        result = detect(trained.weights, key, test_dir, alpha=config.alpha, decoys=config.decoys,
+                        decoy_seed=config.seed)
         result.save(out / f"detect-{name}.json")
+        black = blackbox_detect(mark.record, trained.weights, alpha=config.alpha)
+        black.save(out / f"detect-blackbox-{name}.json")
         plots[name] = plot_cosines(result, out / f"cosines-{name}.png",
                                    f"suspect trained on {name} data: log10 p = {result.log10_pvalue:.2f}").name
         suspects[name] = {
             "trained_on": str(data.relative_to(out)), "accuracy": trained.test_accuracy,
             "log10_pvalue": result.log10_pvalue, "pvalue": result.pvalue_text, "detected": result.detected,
-            "alignment_r2": result.alignment_r2, "train_seconds": trained.seconds, "detect_seconds": result.seconds,
+            "alignment_r2": result.alignment_r2,
+            "decoy_empirical_log10_pvalue": result.extra.get("decoys", {}).get("empirical_log10_pvalue"),
+            "blackbox_log10_pvalue": black.log10_pvalue, "blackbox_detected": black.detected, "train_seconds": trained.seconds, "detect_seconds": result.seconds,
         }
     summary = {
         "package_version": __version__,

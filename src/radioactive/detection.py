@@ -226,29 +226,15 @@ def match_classes(key_classes, suspect_classes, only: list[str] | None = None) -
     return [k_index[c] for c in wanted], [s_index[c] for c in wanted]
 
 
-def detect(suspect: str | Path, key: Key, images: str | Path, alpha: float = 1e-3, ridge: float = 0.0,
-           only_classes: list[str] | None = None, max_images: int | None = None,
-           image_size: int | None = None) -> DetectionResult:
-    """White-box detection of a suspect saved by ``radioactive train``.
-
-    Args:
-        suspect: suspect weights (``.safetensors`` with its ``.json`` sidecar).
-        key: the key whose marked data is suspected.
-        images: ImageFolder of vanilla held-out images (never marked ones),
-            used to fit the alignment (the test split).
-        alpha: significance level of the verdict.
-        ridge: alignment ridge weight (0: least squares).
-        only_classes: test only these classes (e.g. the marked ones).
-        max_images: use at most this many images (the first ones, sorted).
-        image_size: resize images to this side (needed when sizes differ).
+def pull_back(suspect: str | Path, key: Key, images: str | Path, ridge: float = 0.0,
+              only_classes: list[str] | None = None, max_images: int | None = None,
+              image_size: int | None = None) -> tuple[np.ndarray, list[int], Alignment, dict, int]:
+    """The suspect's classifier rows expressed in the marking network's feature space.
 
     Returns:
-        the :class:`DetectionResult`.
-
-    Raises:
-        RadioactiveError: unreadable inputs, class or dimension mismatch.
+        W~ (K', D) float64 in the key's class order (restricted to ``only_classes``),
+        the key's class indices tested, the alignment, the suspect's sidecar, its feature dimension D_s.
     """
-    t0 = time.time()
     marking, _ = load_marking_network(key.network)
     if marking.feature_dim != key.dim:
         raise RadioactiveError(
@@ -261,13 +247,78 @@ def detect(suspect: str | Path, key: Key, images: str | Path, alpha: float = 1e-
     x, _ = load_folder_array(folder, image_size)
     if max_images is not None:
         x = x[:max_images]
-    f = extract_features(marking, x)
-    fs = extract_features(net, x)
-    alignment = fit_alignment(f, fs, ridge)
+    alignment = fit_alignment(extract_features(marking, x), extract_features(net, x), ridge)
     weight = net.classifier.weight.detach().double().numpy()[s_idx]
-    result = whitebox_test(weight, key.carriers.numpy()[k_idx], [key.classes[i] for i in k_idx], alignment, alpha,
+    return weight @ alignment.matrix.T, k_idx, alignment, meta, net.feature_dim
+
+
+def decoy_log10_pvalues(w_tilde: np.ndarray, num_keys: int, seed: int = 0) -> np.ndarray:
+    """Combined log10 p-values of ``num_keys`` fresh random keys against the same classifier.
+
+    Decoy carriers are drawn uniformly on the sphere (normalised Gaussians,
+    numpy Generator seeded with ``seed``); they were never used to mark
+    anything, so their statistics sample the null for this very suspect.
+
+    Args:
+        w_tilde: (K, D) pulled-back classifier rows.
+
+    Returns:
+        (num_keys,) float64 combined log10 p-values.
+    """
+    rng = np.random.default_rng(seed)
+    k, d = w_tilde.shape
+    out = np.empty(num_keys)
+    for i in range(num_keys):
+        u = rng.standard_normal((k, d))
+        u /= np.linalg.norm(u, axis=1, keepdims=True)
+        cos = class_cosines(w_tilde, u, None)
+        out[i] = fisher_log10_pvalue(np.atleast_1d(cosine_log10_pvalue(cos, d)))
+    return out
+
+
+def empirical_log10_pvalue(statistic: float, decoys: np.ndarray) -> float:
+    """log10 of (1 + #{decoys <= statistic}) / (1 + n): the rank of the real key among decoys
+    (a valid p-value when the decoys and the real key are exchangeable under the null)."""
+    return float(np.log10((1 + np.sum(decoys <= statistic)) / (1 + len(decoys))))
+
+
+def detect(suspect: str | Path, key: Key, images: str | Path, alpha: float = 1e-3, ridge: float = 0.0,
+           only_classes: list[str] | None = None, max_images: int | None = None,
+           image_size: int | None = None, decoys: int = 0, decoy_seed: int = 0) -> DetectionResult:
+    """White-box detection of a suspect saved by ``radioactive train``.
+
+    Args:
+        suspect: suspect weights (``.safetensors`` with its ``.json`` sidecar).
+        key: the key whose marked data is suspected.
+        images: ImageFolder of vanilla held-out images (never marked ones),
+            used to fit the alignment (the test split).
+        alpha: significance level of the verdict.
+        ridge: alignment ridge weight (0: least squares).
+        only_classes: test only these classes (e.g. the marked ones).
+        max_images: use at most this many images (the first ones, sorted).
+        image_size: resize images to this side (needed when sizes differ).
+        decoys: number of fresh random keys scored against the same suspect;
+            their distribution and the real key's rank (an empirical p-value)
+            go into ``extra``.
+
+    Returns:
+        the :class:`DetectionResult`.
+
+    Raises:
+        RadioactiveError: unreadable inputs, class or dimension mismatch.
+    """
+    t0 = time.time()
+    w_tilde, k_idx, alignment, meta, d_s = pull_back(suspect, key, images, ridge, only_classes, max_images,
+                                                     image_size)
+    result = whitebox_test(w_tilde, key.carriers.numpy()[k_idx], [key.classes[i] for i in k_idx], None, alpha,
                            key.fingerprint)
+    result.alignment_r2, result.num_alignment_images = alignment.r2, alignment.num_images
+    if decoys:
+        dec = decoy_log10_pvalues(w_tilde, decoys, decoy_seed)
+        result.extra["decoys"] = {"num_keys": decoys, "seed": decoy_seed,
+                                  "empirical_log10_pvalue": empirical_log10_pvalue(result.log10_pvalue, dec),
+                                  "log10_pvalues": [round(float(v), 6) for v in dec]}
     result.suspect = {"path": str(suspect), "architecture": meta.get("architecture"),
-                      "test_accuracy": meta.get("test_accuracy"), "feature_dim": net.feature_dim}
+                      "test_accuracy": meta.get("test_accuracy"), "feature_dim": d_s}
     result.seconds = time.time() - t0
     return result

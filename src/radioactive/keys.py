@@ -101,10 +101,15 @@ class Key:
                 carriers = f.get_tensor("carriers")
         except Exception as e:
             raise RadioactiveError(f"{path} is not a radioactive key ({e})") from e
-        if meta.get("schema") != KEY_SCHEMA:
-            raise RadioactiveError(f"{path}: unsupported key schema {meta.get('schema')}")
-        key = cls(carriers, tuple(meta["classes"]), MarkingNetworkSpec(**meta["network"]), meta.get("seed"))
-        if key.fingerprint != meta["fingerprint"]:
+        if not isinstance(meta, dict) or meta.get("schema") != KEY_SCHEMA:
+            schema = meta.get("schema") if isinstance(meta, dict) else None
+            raise RadioactiveError(f"{path}: not a key of schema {KEY_SCHEMA} (schema {schema})")
+        try:
+            key = cls(carriers, tuple(meta["classes"]), MarkingNetworkSpec(**meta["network"]), meta.get("seed"))
+            recorded = meta["fingerprint"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise RadioactiveError(f"{path}: malformed key metadata ({e!r})") from e
+        if key.fingerprint != recorded:
             raise RadioactiveError(f"{path}: carriers do not match the recorded fingerprint (file damaged?)")
         return key
 

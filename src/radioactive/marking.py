@@ -236,6 +236,13 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
     record = Path(record) if record else output.parent / f"{output.name}.record.jsonl"
     if record.resolve().is_relative_to(output.resolve()):
         raise RadioactiveError("the private record must be written outside the released copy")
+    if record.resolve().is_relative_to(source.resolve()):
+        raise RadioactiveError("the private record must be written outside the source folder")
+    names: dict[str, str] = {}
+    for rel in folder.files:
+        other = names.setdefault(output_name(rel).lower(), rel)
+        if other != rel:
+            raise RadioactiveError(f"{other} and {rel} would both be written as {output_name(rel)}; rename one")
     check_output_dir(source, output, overwrite)
     if (fraction is None) == (files is None):
         raise RadioactiveError("give either a marked fraction or a list of files to mark")

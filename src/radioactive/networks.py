@@ -258,25 +258,69 @@ def sidecar_path(weights: Path) -> Path:
     return weights.with_suffix(".json")
 
 
-def load_suspect(weights: str | Path, sidecar: str | Path | None = None) -> tuple[FeatureNetwork, dict]:
-    """Load a suspect saved by ``radioactive train``: safetensors weights + JSON sidecar.
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint, without running code from the file.
 
-    Weights are loaded strictly (missing or unexpected tensors are an error),
-    never unpickled; the network is frozen in eval mode.
-
-    Args:
-        weights: ``.safetensors`` file.
-        sidecar: JSON description (default: same stem, ``.json``).
-
-    Returns:
-        the suspect network and its sidecar dictionary (``classes``, ``architecture``, ...).
+    ``.safetensors`` files are read with safetensors; any other file with
+    ``torch.load(weights_only=True)``, which refuses every object that is not
+    a tensor or a plain container (a file that would run code when unpickled
+    is refused, never executed). A ``{"state_dict": ...}`` or
+    ``{"model": ...}`` wrapper is unwrapped, and a ``module.`` prefix on every
+    name (DataParallel) is removed.
 
     Raises:
-        RadioactiveError: missing files, a non-safetensors file, or weights
-            that do not match the described architecture.
+        RadioactiveError: unreadable file, or objects other than tensors.
     """
     from safetensors.torch import load_file
 
+    path = Path(path)
+    if not path.is_file():
+        raise RadioactiveError(f"weights not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise RadioactiveError(f"{path} is not a valid safetensors file ({e})") from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RadioactiveError(
+            f"refused to load {path}: it is not a plain tensor checkpoint that can be read safely "
+            f"(weights_only=True said: {str(e).splitlines()[0][:200]}); convert it to safetensors"
+        ) from e
+    for wrapper in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise RadioactiveError(f"{path} does not hold a state dict (name -> tensor)")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_suspect(weights: str | Path, sidecar: str | Path | None = None) -> tuple[FeatureNetwork, dict]:
+    """Load a suspect: weights + a JSON description (sidecar).
+
+    The sidecar is written by ``radioactive train``; for another model, write
+    one with at least ``architecture`` (``resnet18_cifar``, ``linear``, or a
+    torchvision model name), ``classes`` (names in output order) and
+    ``preprocessing`` (``image_size``, ``mean``, ``std``); ``classifier``
+    optionally names the last linear layer (default: the last ``nn.Linear``).
+    Weights (see :func:`read_state_dict`) are loaded strictly: missing or
+    unexpected tensors are an error that names them. The network is frozen in
+    eval mode.
+
+    Args:
+        weights: ``.safetensors``, or a ``.pt``/``.pth`` state dict.
+        sidecar: JSON description (default: same stem, ``.json``).
+
+    Returns:
+        the suspect network and its sidecar dictionary.
+
+    Raises:
+        RadioactiveError: missing files, unsafe or malformed weights, or
+            weights that do not match the described architecture.
+    """
     weights = Path(weights)
     sidecar = Path(sidecar) if sidecar else sidecar_path(weights)
     if not weights.is_file():
@@ -287,35 +331,36 @@ def load_suspect(weights: str | Path, sidecar: str | Path | None = None) -> tupl
         meta = json.loads(sidecar.read_text())
         arch = meta["architecture"]
         classes = list(meta["classes"])
-    except (ValueError, KeyError) as e:
-        raise RadioactiveError(f"{sidecar} is not a suspect description: {e}") from e
-    try:
-        state = load_file(str(weights))
-    except Exception as e:  # safetensors raises its own error types
-        raise RadioactiveError(f"{weights} is not a safetensors file ({e})") from e
-    if arch == "linear":
-        backbone, _ = load_marking_network(MarkingNetworkSpec(**meta["backbone"]))
+        backbone_spec = MarkingNetworkSpec(**meta["backbone"]) if arch == "linear" else None
+    except (ValueError, KeyError, TypeError) as e:
+        raise RadioactiveError(f"{sidecar} is not a suspect description (missing or bad {e})") from e
+    state = read_state_dict(weights)
+    if backbone_spec is not None:
+        backbone, _ = load_marking_network(backbone_spec)
         model: nn.Module = LinearProbe(backbone, len(classes))
         target, pre, cls_name = model.head, Preprocessing(None), "head"
     else:
+        if "preprocessing" not in meta:
+            raise RadioactiveError(f"{sidecar} lacks 'preprocessing' (image_size, mean, std)")
         model = build_architecture(arch, len(classes))
         target, pre, cls_name = model, Preprocessing.from_dict(meta["preprocessing"]), meta.get("classifier")
-    missing, unexpected = _strict_load(target, state)
-    if missing or unexpected:
-        raise RadioactiveError(
-            f"weights in {weights} do not match architecture {arch!r}: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+    problems = _strict_load(target, state)
+    if problems:
+        raise RadioactiveError(f"weights in {weights} do not match architecture {arch!r}: {problems}")
     net = FeatureNetwork(model, pre, cls_name, name=f"suspect:{arch}")
     return freeze(net), meta
 
 
-def _strict_load(module: nn.Module, state: dict) -> tuple[list[str], list[str]]:
+def _strict_load(module: nn.Module, state: dict) -> str:
+    """Load ``state`` into ``module`` only if names and shapes match exactly; else describe the mismatch."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    if not missing and not unexpected:
-        bad = [k for k in own if own[k].shape != state[k].shape]
-        if bad:
-            return bad, []
-        module.load_state_dict(state, strict=True)
-    return missing, unexpected
+    shapes = [f"{k} {tuple(state[k].shape)} (expected {tuple(own[k].shape)})" for k in own
+              if k in state and own[k].shape != state[k].shape]
+    parts = [f"{label} {items[:5]}" for label, items in (("missing", missing), ("unexpected", unexpected),
+                                                         ("wrong shape", shapes)) if items]
+    if parts:
+        return "; ".join(parts)
+    module.load_state_dict(state, strict=True)
+    return ""

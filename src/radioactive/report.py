@@ -72,15 +72,20 @@ def markdown_report(summary: dict, plots: dict[str, str]) -> str:
         f"Marking: mean PSNR {s['psnr_db_mean']:.2f} dB (5th percentile {s['psnr_db_p5']:.2f} dB), "
         f"largest pixel change {s['linf_max']} levels of 255.",
         "",
-        "| suspect | trained on | test accuracy | log10 p (white-box) | verdict |",
-        "| --- | --- | --- | --- | --- |",
+        "| suspect | trained on | test accuracy | log10 p (white-box) | rank among decoy keys (log10) | log10 p (black-box) | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in s["suspects"].items():
+        emp = r.get("decoy_empirical_log10_pvalue")
         lines.append(f"| {name} | {r['trained_on']} | {100 * r['accuracy']:.2f} % | {r['log10_pvalue']:.2f} | "
+                     f"{'-' if emp is None else f'{emp:.2f}'} | {r.get('blackbox_log10_pvalue', float('nan')):.2f} | "
                      f"{'detected' if r['detected'] else 'not detected'} |")
     lines += ["", "What this means: the p-value is the probability that a model which never saw the marked images "
               "would show cosines this aligned with the secret carriers. It is exact under that null hypothesis, "
-              f"whatever the model. The verdict uses alpha = {s['alpha']:g}.", ""]
+              f"whatever the model. The verdict uses alpha = {s['alpha']:g} on the white-box p-value. "
+              "The decoy column is the rank of the real key among fresh random keys scored against the same "
+              "model (an empirical p-value, bounded below by 1/(decoys+1)). The black-box p-value compares the "
+              "model's loss on the marked images with their vanilla versions (one-sided Wilcoxon signed-rank).", ""]
     for name, p in plots.items():
         lines += [f"## {name}", "", f"![{name}]({p})", ""]
     lines += [f"Total time: {s['seconds']:.0f} s.", ""]

@@ -1,0 +1,255 @@
+"""Black-box detection: only the suspect's outputs are needed.
+
+Test (one-sided Wilcoxon signed-rank over images, paired): for each marked
+image i of the private record, d_i = loss(vanilla_i) - loss(marked_i), the
+cross-entropy of the true class (from logits, or -log of the probability).
+A model trained on the marked images fits their marked versions better:
+d_i > 0. The p-value is that of H0 "the d_i are symmetric about 0" against
+"shifted to > 0" (scipy.stats.wilcoxon, zero differences dropped, exact
+null distribution for small n, normal approximation with continuity
+correction otherwise).
+
+Assumptions, stated: under H0 the suspect is independent of the key, so the
+direction each image was pushed in is a random carrier the model knows
+nothing of; a perturbation in a random direction raises the loss of a model
+that fits the vanilla image (the loss is smallest near it), so under H0 the
+d_i lean negative, which makes the one-sided test conservative. Pairs must be
+independent across images (one pair per image). A model whose outputs do not
+change (constant outputs) gives d_i = 0 for every image: no pair is left and
+the result is p = 1, "not detected"; non-finite outputs are dropped the same
+way.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import stats as sstats
+
+from .data import load_rgb
+from .detection import DetectionResult
+from .errors import RadioactiveError
+
+
+@dataclass(frozen=True)
+class RecordEntry:
+    source: Path  # vanilla image
+    output: Path  # marked image
+    label: int
+    class_name: str
+    released: bool = True
+
+
+def read_record(record: str | Path, source_root: str | Path | None = None,
+                released_root: str | Path | None = None) -> tuple[dict, list[RecordEntry]]:
+    """Read a private record written by ``mark``.
+
+    Paths in the record are resolved inside their base folder (the record's
+    ``source`` and ``output``, or the roots given here); a path that escapes
+    its base (``../``) is refused.
+
+    Returns:
+        the header dictionary and one entry per marked image.
+
+    Raises:
+        RadioactiveError: missing or malformed record, escaping paths.
+    """
+    record = Path(record)
+    if not record.is_file():
+        raise RadioactiveError(f"record not found: {record}")
+    try:
+        lines = [json.loads(ln) for ln in record.read_text().splitlines() if ln.strip()]
+        header = lines[0]
+        if header.get("kind") != "radioactive-record":
+            raise ValueError("no record header")
+    except (ValueError, IndexError) as e:
+        raise RadioactiveError(f"{record} is not a radioactive record ({e})") from e
+    src = Path(source_root or header["source"]).resolve()
+    out = Path(released_root or header["output"]).resolve()
+    entries = []
+    for ln in lines[1:]:
+        s, o = (src / ln["source"]).resolve(), (out / ln["output"]).resolve()
+        if not s.is_relative_to(src) or not o.is_relative_to(out):
+            raise RadioactiveError(f"record path escapes its folder: {ln['source']!r} / {ln['output']!r}")
+        entries.append(RecordEntry(s, o, int(ln["carrier_index"]), ln["class"], bool(ln.get("released", True))))
+    return header, entries
+
+
+def true_class_loss(outputs: np.ndarray, labels: np.ndarray, kind: str = "logits") -> np.ndarray:
+    """Cross-entropy of the true class.
+
+    Args:
+        outputs: (N, K) logits or probabilities.
+        labels: (N,) class indices.
+        kind: ``logits`` or ``probs``.
+
+    Returns:
+        (N,) float64 losses in nats; NaN where the outputs are not finite.
+    """
+    o = np.asarray(outputs, dtype=np.float64)
+    idx = np.arange(len(o))
+    with np.errstate(all="ignore"):
+        if kind == "logits":
+            m = o.max(1, keepdims=True)
+            lse = m[:, 0] + np.log(np.exp(o - m).sum(1))
+            loss = lse - o[idx, labels]
+        elif kind == "probs":
+            loss = -np.log(np.clip(o[idx, labels], 1e-300, None))
+        else:
+            raise RadioactiveError(f"outputs kind must be 'logits' or 'probs', got {kind!r}")
+    loss[~np.isfinite(o).all(1)] = np.nan
+    return loss
+
+
+def paired_test(loss_vanilla: np.ndarray, loss_marked: np.ndarray) -> tuple[float, int, float]:
+    """One-sided Wilcoxon signed-rank test of d = loss_vanilla - loss_marked > 0.
+
+    Returns:
+        (log10 p-value, number of informative pairs, median of d).
+    """
+    d = np.asarray(loss_vanilla, dtype=np.float64) - np.asarray(loss_marked, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    d = d[np.abs(d) > 1e-9]  # no change (constant outputs, float noise): not informative
+    if len(d) == 0:
+        return 0.0, 0, 0.0
+    res = sstats.wilcoxon(d, alternative="greater", zero_method="wilcox")
+    p = float(res.pvalue)
+    if p > 0:
+        return min(0.0, math.log10(p)), len(d), float(np.median(d))
+    # the normal approximation underflowed: use its log tail
+    n = len(d)
+    ranks = sstats.rankdata(np.abs(d))
+    w = ranks[d > 0].sum()
+    mu, sd = n * (n + 1) / 4, math.sqrt(n * (n + 1) * (2 * n + 1) / 24)
+    z = (w - mu - 0.5) / sd
+    return float(sstats.norm.logsf(z) / math.log(10)), n, float(np.median(d))
+
+
+def model_outputs(net, paths: list[Path], image_size: int | None = None, batch_size: int = 250) -> np.ndarray:
+    """Logits (N, K) of a runnable suspect on image files."""
+    import torch
+    from PIL import Image
+
+    out = []
+    for s in range(0, len(paths), batch_size):
+        imgs = []
+        for p in paths[s:s + batch_size]:
+            a = load_rgb(p)
+            if image_size is not None and a.shape[:2] != (image_size, image_size):
+                a = np.asarray(Image.fromarray(a).resize((image_size, image_size), Image.BILINEAR))
+            imgs.append(a)
+        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255
+        with torch.no_grad():
+            out.append(net(x).double().numpy())
+    return np.concatenate(out)
+
+
+def read_outputs_file(path: str | Path) -> tuple[dict[str, np.ndarray], str]:
+    """Outputs a user got from an API.
+
+    Formats: JSON lines ``{"path": ..., "logits": [...]}`` or ``{"path": ..., "probs": [...]}``;
+    or CSV with a ``path`` column and columns ``logit_0..logit_{K-1}`` or ``prob_0..prob_{K-1}``.
+    ``path`` is the image file as given to the API: the released copy's file
+    for a marked image, the source file for its vanilla version (absolute,
+    or relative to the outputs file's folder).
+
+    Returns:
+        path (resolved) -> (K,) outputs, and the kind (``logits`` or ``probs``).
+
+    Raises:
+        RadioactiveError: unreadable file, mixed kinds, no rows.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RadioactiveError(f"outputs file not found: {path}")
+    rows, kinds = {}, set()
+    try:
+        if path.suffix.lower() == ".csv":
+            with open(path, newline="") as f:
+                for r in csv.DictReader(f):
+                    cols = sorted((c for c in r if c and c.startswith(("logit_", "prob_"))),
+                                  key=lambda c: int(c.split("_")[1]))
+                    kinds.add("logits" if cols and cols[0].startswith("logit_") else "probs")
+                    rows[r["path"]] = np.array([float(r[c]) for c in cols])
+        else:
+            for ln in path.read_text().splitlines():
+                if not ln.strip():
+                    continue
+                r = json.loads(ln)
+                kind = "logits" if "logits" in r else "probs"
+                kinds.add(kind)
+                rows[r["path"]] = np.asarray(r[kind], dtype=np.float64)
+    except (ValueError, KeyError) as e:
+        raise RadioactiveError(f"cannot read outputs file {path}: {e}") from e
+    if not rows or len(kinds) != 1:
+        raise RadioactiveError(f"{path}: expected rows with either logits or probs, not both")
+    resolved = {str((path.parent / p).resolve()): v for p, v in rows.items()}
+    return resolved, kinds.pop()
+
+
+def blackbox_detect(record: str | Path, suspect: str | Path | None = None, outputs: str | Path | None = None,
+                    alpha: float = 1e-3, classes: list[str] | None = None, source_root=None,
+                    released_root=None) -> DetectionResult:
+    """Black-box test of a suspect from its outputs on the marked images and their vanilla versions.
+
+    Args:
+        record: the private record of ``mark`` (lists marked images and vanilla sources).
+        suspect: a runnable suspect (``.safetensors`` + sidecar), or
+        outputs: a file of outputs (see :func:`read_outputs_file`).
+        alpha: significance level of the verdict.
+        classes: the suspect's class names in output order (default: the
+            suspect's sidecar; for an outputs file, the record's class order).
+
+    Returns:
+        a :class:`DetectionResult` with method ``black-box``; ``extra`` holds
+        the number of informative pairs and the median loss difference.
+
+    Raises:
+        RadioactiveError: neither or both of suspect/outputs, missing images or outputs.
+    """
+    from .networks import load_suspect
+
+    t0 = time.time()
+    if (suspect is None) == (outputs is None):
+        raise RadioactiveError("give either a runnable suspect or a file of its outputs")
+    header, entries = read_record(record, source_root, released_root)
+    if not entries:
+        raise RadioactiveError(f"{record} lists no marked image")
+    names = sorted({e.class_name for e in entries})
+    if suspect is not None:
+        net, meta = load_suspect(suspect)
+        s_classes = list(meta["classes"])
+        size = meta.get("preprocessing", {}).get("image_size")
+        o_marked = model_outputs(net, [e.output for e in entries], size)
+        o_vanilla = model_outputs(net, [e.source for e in entries], size)
+        kind = "logits"
+    else:
+        rows, kind = read_outputs_file(outputs)
+        missing = [e for e in entries if str(e.output) not in rows or str(e.source) not in rows]
+        if len(missing) == len(entries):
+            raise RadioactiveError(f"{outputs} has no outputs for the recorded images (e.g. {entries[0].output})")
+        entries = [e for e in entries if e not in missing]
+        o_marked = np.stack([rows[str(e.output)] for e in entries])
+        o_vanilla = np.stack([rows[str(e.source)] for e in entries])
+        s_classes = classes or sorted(names)
+    index = {c: i for i, c in enumerate(classes or s_classes)}
+    unknown = [c for c in names if c not in index]
+    if unknown:
+        raise RadioactiveError(f"classes of the record unknown to the suspect: {unknown[:5]}")
+    labels = np.array([index[e.class_name] for e in entries])
+    lv = true_class_loss(o_vanilla, labels, kind)
+    lm = true_class_loss(o_marked, labels, kind)
+    log10_p, n, median = paired_test(lv, lm)
+    return DetectionResult(
+        method="black-box", log10_pvalue=log10_p, detected=bool(log10_p < math.log10(alpha)), alpha=alpha,
+        classes=sorted(names), key_fingerprint=header.get("key_fingerprint", ""),
+        suspect={"path": str(suspect or outputs)}, seconds=time.time() - t0,
+        extra={"test": "one-sided Wilcoxon signed-rank on loss(vanilla) - loss(marked)", "pairs": n,
+               "median_loss_difference": median, "num_marked_images": len(entries)},
+    )

@@ -1,0 +1,127 @@
+"""End-to-end tests of the real command line on a small slice of the real CIFAR-10 images."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from radioactive.data import cifar10_subset
+from radioactive.keys import Key
+from radioactive.networks import MarkingNetworkSpec
+
+
+def run_cli(*args, check_rc=None):
+    proc = subprocess.run([sys.executable, "-m", "radioactive", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, proc.stderr
+    return proc
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def slice_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar-cli")
+    return cifar10_subset(root / "vanilla", train_per_class=10, test_per_class=8)
+
+
+@pytest.mark.slow
+def test_keygen_mark_train_detect(slice_dirs, tmp_path):
+    train_dir, test_dir = slice_dirs
+    before = snapshot(train_dir)
+    key = tmp_path / "key.safetensors"
+    out = json.loads(run_cli("keygen", "--data", train_dir, "--seed", 3, "--output", key, check_rc=0).stdout)
+    assert out["classes"] == 10 and out["dim"] == 1280
+    released = tmp_path / "released" / "train"
+    out = json.loads(run_cli("mark", "--source", train_dir, "--key", key, "--fraction", 0.2, "--steps", 5,
+                             "--batch-size", 8, "--output", released, check_rc=0).stdout)
+    assert out["num_marked"] == 20 and out["num_copied"] == 80
+    assert out["linf_max"] <= 10 and out["psnr_db_mean"] > 38
+    assert snapshot(train_dir) == before, "the source folder was modified"
+    assert len(list(released.rglob("*.png"))) == 100
+    record = Path(out["record"])
+    assert not record.resolve().is_relative_to(released.resolve())
+    assert len(record.read_text().splitlines()) == 21
+
+    suspect = tmp_path / "suspect.safetensors"
+    out = json.loads(run_cli("train", "--recipe", "linear", "--train", released, "--test", test_dir, "--epochs", 2,
+                             "--views", 1, "--output", suspect, check_rc=0).stdout)
+    assert 0.1 < out["test_accuracy"] <= 1.0
+    assert suspect.with_suffix(".json").is_file()
+
+    result, plot = tmp_path / "result.json", tmp_path / "cosines.png"
+    proc = run_cli("detect", "--suspect", suspect, "--key", key, "--images", test_dir, "--output", result,
+                   "--plot", plot, check_rc=0)
+    out = json.loads(proc.stdout)
+    assert out == json.loads(result.read_text())
+    assert len(out["cosines"]) == 10 and len(out["class_log10_pvalues"]) == 10
+    assert np.isfinite(out["log10_pvalue"]) and out["log10_pvalue"] <= 0
+    assert out["alignment_r2"] > 0.99  # a linear probe shares the marking network's features
+    assert out["key_fingerprint"] == Key.load(key).fingerprint
+    with Image.open(plot) as im:
+        assert im.format == "PNG" and im.size[0] > 100
+
+
+def _one_line_error(proc, rc):
+    assert proc.returncode == rc, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_missing_folder_is_a_usage_error(tmp_path):
+    line = _one_line_error(run_cli("keygen", "--data", tmp_path / "nope", "--output", tmp_path / "k"), 2)
+    assert "no such file" in line
+
+
+def test_bad_fraction_is_a_usage_error(tmp_path):
+    line = _one_line_error(run_cli("mark", "--source", tmp_path, "--key", tmp_path, "--fraction", "1.5",
+                                   "--output", tmp_path / "o"), 2)
+    assert "(0, 1]" in line
+
+
+def test_empty_class_folder(tmp_path, slice_dirs):
+    src = tmp_path / "src"
+    (src / "cat").mkdir(parents=True)
+    (src / "dog").mkdir()
+    Image.open(next((slice_dirs[0] / "cat").iterdir())).save(src / "cat" / "a.png")
+    line = _one_line_error(run_cli("keygen", "--data", src, "--output", tmp_path / "k.safetensors"), 1)
+    assert "holds no image" in line and "dog" in line
+
+
+def test_key_dimension_mismatch(tmp_path, slice_dirs):
+    train_dir, test_dir = slice_dirs
+    classes = sorted(p.name for p in train_dir.iterdir())
+    g = torch.randn(len(classes), 512)
+    key = Key(g / g.norm(dim=1, keepdim=True), tuple(classes), MarkingNetworkSpec())
+    path = key.save(tmp_path / "k512.safetensors")
+    before = snapshot(train_dir)
+    line = _one_line_error(run_cli("mark", "--source", train_dir, "--key", path, "--fraction", 0.1,
+                                   "--output", tmp_path / "out"), 1)
+    assert "512" in line and "1280" in line
+    assert snapshot(train_dir) == before
+
+
+def test_not_a_key(tmp_path, slice_dirs):
+    bad = tmp_path / "key.safetensors"
+    bad.write_text("not a key")
+    line = _one_line_error(run_cli("detect", "--suspect", bad, "--key", bad, "--images", slice_dirs[1]), 1)
+    assert "not a radioactive key" in line
+
+
+def test_help_shows_defaults_and_example():
+    proc = run_cli("mark", "--help", check_rc=0)
+    assert "example:" in proc.stdout and "(default: 10)" in proc.stdout
