@@ -44,11 +44,13 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=MarkingConfig.steps)
     p.add_argument("--linf", type=int, default=MarkingConfig.linf)
     p.add_argument("--lambda-img", type=float, default=MarkingConfig.lambda_img)
+    p.add_argument("--holdout", type=float, default=0.0, help="withheld marked fraction (black-box control)")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--workdir", type=Path, default=Path("runs/from_scratch"))
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/from_scratch.jsonl"))
     a = p.parse_args(argv)
 
-    cell = {k: v for k, v in vars(a).items() if k not in ("workdir", "results")}
+    cell = {k: v for k, v in vars(a).items() if k not in ("workdir", "results", "device")}
     cell_id = hashlib.sha256(json.dumps(cell, sort_keys=True).encode()).hexdigest()[:12]
     if a.results.is_file():
         for ln in a.results.read_text().splitlines():
@@ -64,14 +66,15 @@ def main(argv=None) -> int:
     classes = sorted(x.name for x in train_dir.iterdir())
     key = generate_key(classes, seed=1000 + a.seed)
     mcfg = replace(MarkingConfig(), steps=a.steps, linf=a.linf, lambda_img=a.lambda_img)
-    mark_id = hashlib.sha256(json.dumps([a.fraction, a.seed, a.steps, a.linf, a.lambda_img, a.train_per_class])
+    mark_id = hashlib.sha256(json.dumps([a.fraction, a.seed, a.steps, a.linf, a.lambda_img, a.train_per_class]
+                                        + ([a.holdout] if a.holdout else []))
                              .encode()).hexdigest()[:10]
     released = work / f"marked-{mark_id}" / "train"
     record = work / f"marked-{mark_id}.record.jsonl"
     summary_path = work / f"marked-{mark_id}.summary.json"
     if not summary_path.is_file():
         s = mark_folder(train_dir, key, released, record, fraction=a.fraction, seed=a.seed, config=mcfg,
-                        overwrite=True, progress=False)
+                        overwrite=True, progress=False, device=a.device, holdout_fraction=a.holdout)
         summary_path.write_text(json.dumps(s.to_dict()))
     mark = json.loads(summary_path.read_text())
     tcfg = TrainConfig(recipe="scratch", architecture=a.arch, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
@@ -82,7 +85,7 @@ def main(argv=None) -> int:
         tag = f"{name}-{mark_id if name == 'suspect' else 'vanilla'}-{a.arch}-{a.epochs}-{a.lr}-{a.seed}"
         weights = work / "models" / f"{tag}.safetensors"
         if not weights.is_file():
-            res = train(tdir, test_dir, weights, tcfg, progress=False)
+            res = train(tdir, test_dir, weights, tcfg, progress=False, device=a.device)
             acc = res.test_accuracy
         else:
             acc = json.loads(weights.with_suffix(".json").read_text())["test_accuracy"]
@@ -92,7 +95,10 @@ def main(argv=None) -> int:
         out[name] = {"accuracy": acc, "log10_p_whitebox": wb.log10_pvalue, "alignment_r2": wb.alignment_r2,
                      "log10_p_whitebox_ridge0.1": wb_ridge.log10_pvalue,
                      "decoy_empirical_log10_p": wb.extra["decoys"]["empirical_log10_pvalue"],
-                     "log10_p_blackbox": bb.log10_pvalue, "blackbox_median_loss_diff": bb.extra["median_loss_difference"]}
+                     "log10_p_blackbox": bb.log10_pvalue, "blackbox_test": bb.extra["test"],
+                     "log10_p_blackbox_paired": bb.extra["paired_log10_pvalue"],
+                     "blackbox_median_loss_diff": bb.extra["median_loss_difference"],
+                     "blackbox_median_loss_diff_holdout": bb.extra.get("median_loss_difference_holdout")}
     out["seconds"] = time.time() - t0
     out["command"] = "python benchmarks/from_scratch.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
     a.results.parent.mkdir(parents=True, exist_ok=True)

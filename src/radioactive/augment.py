@@ -53,7 +53,7 @@ class ResizedCropFlip:
             (B, C, H, W) augmented images, differentiable with respect to ``x``.
         """
         b, _, hh, ww = x.shape
-        p = params.to(x.dtype)
+        p = params.to(x.device, x.dtype)
         x0 = p[:, 2] * ww
         y0 = p[:, 3] * hh
         x1 = x0 + p[:, 0] * ww - 1

@@ -1,6 +1,20 @@
 """Black-box detection: only the suspect's outputs are needed.
 
-Test (one-sided Wilcoxon signed-rank over images, paired): for each marked
+Two tests, both on d_i = loss(vanilla_i) - loss(marked_i), the change of the
+suspect's true-class cross-entropy when image i is replaced by its marked
+version.
+
+Exact control test (used when the record has withheld marked images, see
+``mark --holdout-fraction``): the owner marked 2n images and released a
+random half of them marked (A), keeping the others' marked versions private
+and releasing their vanilla versions (B). Under H0 (the suspect does not
+depend on which half was released, e.g. it never saw the release, or saw
+only vanilla images) the d_i of A and B are exchangeable, so the one-sided
+Mann-Whitney U test of "d larger on A than on B" has an exact null by the
+randomisation, whatever the model. A model trained on the release fitted
+the marked versions of A and the vanilla versions of B: d is larger on A.
+
+Paired test, when there is no withheld set (one-sided Wilcoxon signed-rank over images): for each marked
 image i of the private record, d_i = loss(vanilla_i) - loss(marked_i), the
 cross-entropy of the true class (from logits, or -log of the probability).
 A model trained on the marked images fits their marked versions better:
@@ -72,10 +86,12 @@ def read_record(record: str | Path, source_root: str | Path | None = None,
         raise RadioactiveError(f"{record} is not a radioactive record ({e})") from e
     src = Path(source_root or header["source"]).resolve()
     out = Path(released_root or header["output"]).resolve()
+    hold = Path(header.get("holdout") or record.parent / f"{record.stem}.holdout").resolve()
     entries = []
     for ln in lines[1:]:
-        s, o = (src / ln["source"]).resolve(), (out / ln["output"]).resolve()
-        if not s.is_relative_to(src) or not o.is_relative_to(out):
+        base = out if ln.get("released", True) else hold
+        s, o = (src / ln["source"]).resolve(), (base / ln["output"]).resolve()
+        if not s.is_relative_to(src) or not o.is_relative_to(base):
             raise RadioactiveError(f"record path escapes its folder: {ln['source']!r} / {ln['output']!r}")
         entries.append(RecordEntry(s, o, int(ln["carrier_index"]), ln["class"], bool(ln.get("released", True))))
     return header, entries
@@ -245,11 +261,42 @@ def blackbox_detect(record: str | Path, suspect: str | Path | None = None, outpu
     labels = np.array([index[e.class_name] for e in entries])
     lv = true_class_loss(o_vanilla, labels, kind)
     lm = true_class_loss(o_marked, labels, kind)
-    log10_p, n, median = paired_test(lv, lm)
+    released = np.array([e.released for e in entries])
+    paired_log10_p, n, median = paired_test(lv[released], lm[released])
+    extra = {"paired_test": "one-sided Wilcoxon signed-rank on loss(vanilla) - loss(marked), released images",
+             "paired_log10_pvalue": paired_log10_p, "pairs": n, "median_loss_difference": median,
+             "num_marked_images": int(released.sum()), "num_holdout_images": int((~released).sum())}
+    log10_p = paired_log10_p
+    if (~released).any():
+        d = lv - lm
+        log10_p, med_b = control_test(d[released], d[~released])
+        extra.update({"test": "one-sided Mann-Whitney U: d on released marked images > d on withheld marked images",
+                      "median_loss_difference_holdout": med_b, "control_log10_pvalue": log10_p})
+    else:
+        extra["test"] = extra["paired_test"]
     return DetectionResult(
         method="black-box", log10_pvalue=log10_p, detected=bool(log10_p < math.log10(alpha)), alpha=alpha,
         classes=sorted(names), key_fingerprint=header.get("key_fingerprint", ""),
-        suspect={"path": str(suspect or outputs)}, seconds=time.time() - t0,
-        extra={"test": "one-sided Wilcoxon signed-rank on loss(vanilla) - loss(marked)", "pairs": n,
-               "median_loss_difference": median, "num_marked_images": len(entries)},
+        suspect={"path": str(suspect or outputs)}, seconds=time.time() - t0, extra=extra,
     )
+
+
+def control_test(d_released: np.ndarray, d_holdout: np.ndarray) -> tuple[float, float]:
+    """One-sided Mann-Whitney U test of d_released > d_holdout (non-finite values dropped).
+
+    Returns:
+        (log10 p-value, median of d_holdout); p = 1 when a side is empty or every value is tied.
+    """
+    a = np.asarray(d_released, dtype=np.float64)
+    b = np.asarray(d_holdout, dtype=np.float64)
+    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+    if len(a) == 0 or len(b) == 0 or np.ptp(np.concatenate([a, b])) <= 1e-9:
+        return 0.0, float(np.median(b)) if len(b) else 0.0
+    res = sstats.mannwhitneyu(a, b, alternative="greater", method="asymptotic", use_continuity=True)
+    p = float(res.pvalue)
+    if p > 0:
+        return min(0.0, math.log10(p)), float(np.median(b))
+    n1, n2 = len(a), len(b)
+    u = float(res.statistic)
+    z = (u - n1 * n2 / 2 - 0.5) / math.sqrt(n1 * n2 * (n1 + n2 + 1) / 12)
+    return float(sstats.norm.logsf(z) / math.log(10)), float(np.median(b))

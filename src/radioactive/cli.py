@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = m.add_mutually_exclusive_group(required=True)
     g.add_argument("--fraction", type=_fraction, help="marked fraction q in (0, 1], chosen in every class")
     g.add_argument("--files", type=_existing, help="text file listing the relative paths to mark, one a line")
+    m.add_argument("--holdout-fraction", type=float, default=0.0,
+                   help="also mark this share of each class but release its vanilla version; the marked versions "
+                        "stay private and give the black-box test an exact control")
     m.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the selection and augmentation draws")
     m.add_argument("--steps", type=_nonneg_int, default=MC.steps, help="optimisation steps")
     m.add_argument("--lr", type=_positive_float, default=MC.lr, help="Adam learning rate (pixels in [0, 1])")
@@ -145,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the feature drift orthogonal to the carrier")
     m.add_argument("--batch-size", type=_positive_int, default=MC.batch_size, help="images optimised together")
     m.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
+    m.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
 
     t = _sub(subs, "train", "train a suspect with a reference recipe (plays the trainer)",
              "radioactive train --recipe linear --train released/ --test test/ --output suspect.safetensors")
@@ -163,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=_nonneg_float, default=None, help="weight decay (default 0 linear, 5e-4 scratch)")
     t.add_argument("--image-size", type=_positive_int, default=TC.image_size, help="side training images are resized to")
     t.add_argument("--seed", type=_nonneg_int, default=TC.seed, help="seed of initialisation and augmentation")
+    t.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
 
     d = _sub(subs, "detect", "test a suspect: was it trained on data marked with this key?",
              "radioactive detect --suspect suspect.safetensors --key key.safetensors --images test/ --output result.json\n"
@@ -244,7 +249,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             files = [ln.strip() for ln in args.files.read_text().splitlines() if ln.strip()]
         summary = mark_folder(_cifar_train(args.source), Key.load(args.key), args.output, args.record,
                               fraction=args.fraction, files=files, seed=args.seed, config=cfg,
-                              overwrite=args.overwrite, progress=sys.stderr.isatty())
+                              overwrite=args.overwrite, progress=sys.stderr.isatty(), device=args.device,
+                              holdout_fraction=args.holdout_fraction)
         _emit(summary.to_dict())
     elif args.command == "train":
         from .training import default_lr, train
@@ -254,7 +260,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                           backbone=MarkingNetworkSpec(args.network, args.network_image_size), epochs=args.epochs,
                           views=args.views, batch_size=args.batch_size, lr=args.lr or default_lr(args.recipe),
                           weight_decay=wd, image_size=args.image_size, seed=args.seed)
-        _emit(train(args.train, args.test, args.output, cfg, progress=sys.stderr.isatty()).to_dict())
+        _emit(train(args.train, args.test, args.output, cfg, progress=sys.stderr.isatty(), device=args.device).to_dict())
     elif args.command == "detect":
         from .keys import Key
         from .report import plot_cosines

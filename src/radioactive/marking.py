@@ -107,14 +107,15 @@ def mark_batch(net: FeatureNetwork, images: torch.Tensor, carriers: torch.Tensor
     """
     if net.training:
         raise RadioactiveError("the marking network must be in eval mode")
-    x = images.to(torch.float32) / 255.0
+    dev = next(net.parameters()).device
+    x = images.to(dev, torch.float32) / 255.0
     eps = config.linf / 255.0
     lo = torch.clamp(x - eps, min=0.0)
     hi = torch.clamp(x + eps, max=1.0)
     aug = ResizedCropFlip(scale=config.crop_scale)
     delta = torch.zeros_like(x, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=config.lr)
-    u = carriers.to(torch.float32)
+    u = carriers.to(dev, torch.float32)
     for step in range(config.steps):
         params = aug.draw(generators)
         xm = x + delta
@@ -137,8 +138,9 @@ def mark_batch(net: FeatureNetwork, images: torch.Tensor, carriers: torch.Tensor
             delta.copy_(xm - x)
     with torch.no_grad():
         out = torch.round((x + delta).clamp(0, 1) * 255)
-        out = torch.maximum(torch.minimum(out, images.float() + config.linf), images.float() - config.linf)
-    return out.to(torch.uint8)
+        ref = images.to(dev, torch.float32)
+        out = torch.maximum(torch.minimum(out, ref + config.linf), ref - config.linf)
+    return out.to(torch.uint8).cpu()
 
 
 @dataclass
@@ -150,6 +152,7 @@ class MarkSummary:
         record: the private record (JSON lines) of the marked images.
         num_images: images in the source.
         num_marked, num_copied: images marked / written unmarked.
+        num_holdout: images marked but withheld (their vanilla version is released).
         ignored: source files that are not images (not copied).
         psnr_db_mean, psnr_db_p5: PSNR of the marked images (dB, 0-255 scale).
         linf_max: largest |marked - vanilla| over all marked pixels (8-bit levels).
@@ -161,6 +164,7 @@ class MarkSummary:
     num_images: int
     num_marked: int
     num_copied: int
+    num_holdout: int = 0
     ignored: list[str] = field(default_factory=list)
     psnr_db_mean: float | None = None
     psnr_db_p5: float | None = None
@@ -185,6 +189,22 @@ def select_marked(folder: ImageFolder, fraction: float, seed: int) -> list[int]:
     return sorted(chosen)
 
 
+def select_holdout(folder: ImageFolder, fraction: float, seed: int, exclude: set[int]) -> list[int]:
+    """Choose round(fraction x n_k) images of every class among those not in ``exclude`` (seeded, independent
+    of the marked selection's draws)."""
+    if not 0 <= fraction < 1:
+        raise RadioactiveError(f"holdout fraction must be in [0, 1), got {fraction}")
+    rng = np.random.default_rng([seed, 1])
+    labels = np.asarray(folder.labels)
+    chosen = []
+    for k in range(len(folder.classes)):
+        all_k = np.flatnonzero(labels == k)
+        idx = np.array([i for i in all_k if i not in exclude], dtype=np.int64)
+        n = min(int(round(fraction * len(all_k))), len(idx))
+        chosen.extend(rng.choice(idx, size=n, replace=False).tolist())
+    return sorted(chosen)
+
+
 def output_name(rel: str) -> str:
     """Relative path of an image in the released copy: same folders and stem, ``.png``."""
     return str(Path(rel).with_suffix(".png").as_posix())
@@ -200,7 +220,8 @@ def check_output_dir(source: Path, output: Path, overwrite: bool) -> None:
 
 def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | Path | None = None,
                 fraction: float | None = None, files: list[str] | None = None, seed: int = 0,
-                config: MarkingConfig = MarkingConfig(), overwrite: bool = False, progress: bool = True) -> MarkSummary:
+                config: MarkingConfig = MarkingConfig(), overwrite: bool = False, progress: bool = True,
+                device: str = "cpu", holdout_fraction: float = 0.0) -> MarkSummary:
     """Mark a fraction of an image folder and write a complete released copy.
 
     Every image of the source is written to ``output`` at the same relative
@@ -220,6 +241,11 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
         config: optimisation settings.
         overwrite: allow a non-empty output folder.
         progress: show a progress bar.
+        holdout_fraction: also mark this share of each class's images with the same key but do not
+            release them (the released copy holds their vanilla version); their marked versions go to the
+            private folder ``<record stem>.holdout/`` beside the record. They give the black-box test an exact
+            control (see :mod:`radioactive.blackbox`).
+        device: torch device of the optimisation (``cpu``, ``cuda``); CPU results are bit-reproducible.
 
     Raises:
         RadioactiveError: classes differ from the key's, bad fraction or file
@@ -255,21 +281,24 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
     else:
         chosen = select_marked(folder, fraction, seed)
     net, spec = load_marking_network(key.network)
+    net = net.to(device)
     if net.feature_dim != key.dim:
         raise RadioactiveError(f"key dimension {key.dim} differs from the marking network's {net.feature_dim}")
     marked_set = set(chosen)
+    holdout = select_holdout(folder, holdout_fraction, seed, marked_set) if holdout_fraction else []
+    holdout_dir = record.parent / f"{record.stem}.holdout"
     output.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({
         "kind": "radioactive-record", "schema": RECORD_SCHEMA, "package_version": __version__,
         "key_fingerprint": key.fingerprint, "source": str(source.resolve()), "output": str(output.resolve()),
+        "holdout": str(holdout_dir.resolve()) if holdout else None, "holdout_fraction": holdout_fraction,
         "fraction": fraction, "seed": seed, "config": asdict(config),
     })]
     psnrs, linf_max = [], 0
-    bar = tqdm(total=len(chosen), desc="marking", unit="img", disable=not progress)
+    bar = tqdm(total=len(chosen) + len(holdout), desc="marking", unit="img", disable=not progress)
     # a batch holds images of one size
-    pending: dict[tuple, list[int]] = {}
 
-    def flush(idx: list[int]):
+    def flush(idx: list[int], released: bool):
         nonlocal linf_max
         imgs = [load_rgb(folder.path(i)) for i in idx]
         batch = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
@@ -279,7 +308,7 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
         for i, vanilla, m, k in zip(idx, imgs, marked, labels):
             out_rel = output_name(folder.files[i])
             data = encode_png(m)
-            atomic_write_bytes(output / out_rel, data)
+            atomic_write_bytes((output if released else holdout_dir) / out_rel, data)
             p = psnr_db(vanilla, m)
             linf = int(np.abs(vanilla.astype(np.int16) - m.astype(np.int16)).max())
             linf_max = max(linf_max, linf)
@@ -287,18 +316,20 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
             lines.append(json.dumps({
                 "source": folder.files[i], "output": out_rel, "class": folder.classes[k], "carrier_index": k,
                 "psnr_db": None if math.isinf(p) else round(p, 4), "linf": linf,
-                "sha256": hashlib.sha256(data).hexdigest(),
+                "sha256": hashlib.sha256(data).hexdigest(), "released": released,
             }))
         bar.update(len(idx))
         bar.set_postfix(psnr=f"{np.mean(psnrs):.1f}dB")
 
-    for i in chosen:
-        size = display_size(folder.path(i))
-        pending.setdefault(size, []).append(i)
-        if len(pending[size]) == config.batch_size:
-            flush(pending.pop(size))
-    for idx in pending.values():
-        flush(idx)
+    for group, released in ((chosen, True), (holdout, False)):
+        pending = {}
+        for i in group:
+            size = display_size(folder.path(i))
+            pending.setdefault(size, []).append(i)
+            if len(pending[size]) == config.batch_size:
+                flush(pending.pop(size), released)
+        for idx in pending.values():
+            flush(idx, released)
     bar.close()
     copied = 0
     for i in tqdm(range(len(folder)), desc="copying", unit="img", disable=not progress):
@@ -310,6 +341,7 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
     finite = [p for p in psnrs if math.isfinite(p)]
     return MarkSummary(
         output=str(output), record=str(record), num_images=len(folder), num_marked=len(chosen), num_copied=copied,
+        num_holdout=len(holdout),
         ignored=list(folder.ignored),
         psnr_db_mean=float(np.mean(finite)) if finite else None,
         psnr_db_p5=float(np.percentile(finite, 5)) if finite else None,

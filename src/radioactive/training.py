@@ -104,7 +104,8 @@ def _features(net: FeatureNetwork, images: torch.Tensor, batch_size: int = 250, 
         b = images[s:s + batch_size]
         if augment:
             b = _augment(b)
-        out.append(net.features(b.float() / 255))
+        dev = next(net.parameters()).device
+        out.append(net.features(b.to(dev).float() / 255))
     return torch.cat(out)
 
 
@@ -112,10 +113,11 @@ def _features(net: FeatureNetwork, images: torch.Tensor, batch_size: int = 250, 
 def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 250) -> float:
     """Top-1 of ``model`` ((B,3,H,W) [0,1] -> logits) on uint8 images (N,3,H,W), labels (N,)."""
     model.eval()
+    dev = next(model.parameters()).device
     correct = 0
     for s in range(0, len(images), batch_size):
-        logits = model(images[s:s + batch_size].float() / 255)
-        correct += int((logits.argmax(1) == labels[s:s + batch_size]).sum())
+        logits = model(images[s:s + batch_size].to(dev).float() / 255)
+        correct += int((logits.argmax(1).cpu() == labels[s:s + batch_size]).sum())
     return correct / len(images)
 
 
@@ -126,7 +128,7 @@ def _load(folder: Path, size: int | None, classes=None):
 
 
 def train(train_dir: str | Path, test_dir: str | Path, output: str | Path, config: TrainConfig = TrainConfig(),
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, device: str = "cpu") -> TrainResult:
     """Train a suspect with a reference recipe and save it.
 
     Args:
@@ -136,6 +138,7 @@ def train(train_dir: str | Path, test_dir: str | Path, output: str | Path, confi
             written beside it with the same stem.
         config: the recipe.
         progress: show progress bars.
+        device: torch device (``cpu``, ``cuda``).
 
     Returns:
         paths and test accuracy.
@@ -155,10 +158,11 @@ def train(train_dir: str | Path, test_dir: str | Path, output: str | Path, confi
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
         if config.recipe == "linear":
-            model, state, meta = _train_linear(x_train, y_train, len(classes), config, progress)
+            model, state, meta = _train_linear(x_train, y_train, len(classes), config, progress, device)
         else:
-            model, state, meta = _train_scratch(x_train, y_train, len(classes), config, progress)
+            model, state, meta = _train_scratch(x_train, y_train, len(classes), config, progress, device)
     acc = accuracy(model, x_test, y_test)
+    state = {k: v.cpu() for k, v in state.items()}
     meta.update({
         "schema": SIDECAR_SCHEMA, "package_version": __version__, "kind": "radioactive-suspect",
         "classes": classes, "recipe": asdict(config), "test_accuracy": acc,
@@ -172,20 +176,21 @@ def train(train_dir: str | Path, test_dir: str | Path, output: str | Path, confi
     return TrainResult(str(output), str(side), acc, time.time() - t0)
 
 
-def _train_linear(x, y, num_classes, config, progress):
+def _train_linear(x, y, num_classes, config, progress, device):
     backbone, spec = load_marking_network(config.backbone)
+    backbone = backbone.to(device)
     views = [_features(backbone, x, augment=True, desc=f"features view {v + 1}", progress=progress)
              for v in range(config.views)]
     feats = torch.cat(views)
     labels = y.repeat(config.views)
-    probe = LinearProbe(backbone, num_classes)
+    probe = LinearProbe(backbone, num_classes).to(device)
     opt = torch.optim.Adam(probe.head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     n = len(feats)
     for _ in tqdm(range(config.epochs), desc="linear epochs", disable=not progress):
         perm = torch.randperm(n)
         for s in range(0, n, config.batch_size):
             idx = perm[s:s + config.batch_size]
-            loss = F.cross_entropy(probe.head(feats[idx]), labels[idx])
+            loss = F.cross_entropy(probe.head(feats[idx]), labels[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -194,9 +199,9 @@ def _train_linear(x, y, num_classes, config, progress):
     return probe, probe.head.state_dict(), meta
 
 
-def _train_scratch(x, y, num_classes, config, progress):
+def _train_scratch(x, y, num_classes, config, progress, device):
     pre = Preprocessing(config.image_size, CIFAR_MEAN, CIFAR_STD)
-    model = build_architecture(config.architecture, num_classes)
+    model = build_architecture(config.architecture, num_classes).to(device)
     net = FeatureNetwork(model, pre)
     opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
                           weight_decay=config.weight_decay)
@@ -209,8 +214,8 @@ def _train_scratch(x, y, num_classes, config, progress):
                    disable=not progress)
         for s in bar:
             idx = perm[s:s + config.batch_size]
-            logits = net(_augment(x[idx]).float() / 255)
-            loss = F.cross_entropy(logits, y[idx])
+            logits = net(_augment(x[idx]).to(device).float() / 255)
+            loss = F.cross_entropy(logits, y[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
