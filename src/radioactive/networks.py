@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -282,11 +283,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as e:  # safetensors raises its own error types
             raise RadioactiveError(f"{path} is not a valid safetensors file ({e})") from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise RadioactiveError(
-            f"refused to load {path}: it is not a plain tensor checkpoint that can be read safely "
-            f"(weights_only=True said: {str(e).splitlines()[0][:200]}); convert it to safetensors"
+            f"refused to load {path}: it is not a plain tensor checkpoint (it holds objects whose unpickling "
+            "could run code, or is not a torch file); give safetensors or a torch.save(model.state_dict()) file"
         ) from e
     for wrapper in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):

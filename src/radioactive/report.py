@@ -35,17 +35,31 @@ def plot_cosines(result: DetectionResult, path: str | Path, title: str | None = 
     spread = 5 / np.sqrt(max(result.dim, 2))
     lim = max(spread, float(np.abs(cos).max()) * 1.15 if len(cos) else spread)
     grid = np.linspace(-lim, lim, 400)
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    decoys = result.extra.get("decoys")
+    if decoys:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.6), dpi=110, gridspec_kw={"width_ratios": [3, 2]})
+        vals = np.asarray(decoys["log10_pvalues"])
+        lo = min(vals.min(), result.log10_pvalue) - 0.5
+        ax2.hist(vals, bins=30, range=(lo, 0), color="tab:gray", alpha=0.6, label=f"{len(vals)} decoy keys")
+        ax2.axvline(result.log10_pvalue, color="tab:red", lw=2, label="the real key")
+        ax2.set_xlabel("combined log10 p-value")
+        ax2.set_title(f"empirical log10 p = {decoys['empirical_log10_pvalue']:.2f}", fontsize=10)
+        ax2.legend(fontsize=8)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
     dens = null_cosine_density(grid, result.dim)
     ax.fill_between(grid, dens, alpha=0.25, color="tab:gray", label=f"null density (D = {result.dim})")
     top = dens.max()
     for i, c in enumerate(cos):
         ax.vlines(c, 0, top * 0.9, color="tab:red" if result.class_log10_pvalues[i] < -2 else "tab:blue", lw=1.5)
+        if len(cos) <= 20:
+            ax.text(c, top * 0.92, result.classes[i], rotation=90, fontsize=7, ha="center", va="bottom")
     ax.plot([], [], color="tab:red", label="class cosine (p < 0.01)")
     ax.plot([], [], color="tab:blue", label="class cosine")
     ax.set_xlabel("cosine between pulled-back classifier row and carrier")
     ax.set_yticks([])
     ax.set_title(title or f"{result.method}: log10 p = {result.log10_pvalue:.2f}")
+    ax.set_ylim(0, top * 1.35)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     buf = io.BytesIO()
