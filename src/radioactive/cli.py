@@ -31,6 +31,16 @@ def _fraction(s: str) -> float:
     return v
 
 
+def _holdout(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {s!r}") from None
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {s!r}")
+    return v
+
+
 def _positive_int(s: str) -> int:
     try:
         v = int(s)
@@ -136,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = m.add_mutually_exclusive_group(required=True)
     g.add_argument("--fraction", type=_fraction, help="marked fraction q in (0, 1], chosen in every class")
     g.add_argument("--files", type=_existing, help="text file listing the relative paths to mark, one a line")
-    m.add_argument("--holdout-fraction", type=float, default=0.0,
+    m.add_argument("--holdout-fraction", type=_holdout, default=0.0,
                    help="also mark this share of each class but release its vanilla version; the marked versions "
                         "stay private and give the black-box test an exact control")
     m.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the selection and augmentation draws")
@@ -149,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch-size", type=_positive_int, default=MC.batch_size, help="images optimised together")
     m.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
     m.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    m.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
 
     t = _sub(subs, "train", "train a suspect with a reference recipe (plays the trainer)",
              "radioactive train --recipe linear --train released/ --test test/ --output suspect.safetensors")
@@ -250,7 +261,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         summary = mark_folder(_cifar_train(args.source), Key.load(args.key), args.output, args.record,
                               fraction=args.fraction, files=files, seed=args.seed, config=cfg,
                               overwrite=args.overwrite, progress=sys.stderr.isatty(), device=args.device,
-                              holdout_fraction=args.holdout_fraction)
+                              holdout_fraction=args.holdout_fraction, strict=args.strict)
+        total = summary.num_marked + summary.num_copied + summary.num_skipped + len(summary.ignored)
+        print(f"{total} files: {summary.num_marked} marked, {summary.num_copied} copied"
+              f"{f' (incl. {summary.num_holdout} withheld-marked, released vanilla)' if summary.num_holdout else ''}, "
+              f"{summary.num_skipped} skipped, {len(summary.ignored)} ignored (not images); "
+              f"PSNR {summary.psnr_db_mean or float('nan'):.2f} dB", file=sys.stderr)
         _emit(summary.to_dict())
     elif args.command == "train":
         from .training import default_lr, train

@@ -153,6 +153,11 @@ class MarkSummary:
         num_images: images in the source.
         num_marked, num_copied: images marked / written unmarked.
         num_holdout: images marked but withheld (their vanilla version is released).
+        num_skipped, skipped: image files that could not be read (corrupt, truncated, over Pillow's
+            size limit); each is copied unchanged into the released copy and listed with the reason.
+        Every file of the source is accounted for exactly once:
+        num_marked + num_copied + num_skipped + len(ignored) (+ num_holdout, released as vanilla
+        copies and counted in num_copied) = files in the source.
         ignored: source files that are not images (not copied).
         psnr_db_mean, psnr_db_p5: PSNR of the marked images (dB, 0-255 scale).
         linf_max: largest |marked - vanilla| over all marked pixels (8-bit levels).
@@ -165,6 +170,8 @@ class MarkSummary:
     num_marked: int
     num_copied: int
     num_holdout: int = 0
+    num_skipped: int = 0
+    skipped: list[dict] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     psnr_db_mean: float | None = None
     psnr_db_p5: float | None = None
@@ -221,7 +228,7 @@ def check_output_dir(source: Path, output: Path, overwrite: bool) -> None:
 def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | Path | None = None,
                 fraction: float | None = None, files: list[str] | None = None, seed: int = 0,
                 config: MarkingConfig = MarkingConfig(), overwrite: bool = False, progress: bool = True,
-                device: str = "cpu", holdout_fraction: float = 0.0) -> MarkSummary:
+                device: str = "cpu", holdout_fraction: float = 0.0, strict: bool = False) -> MarkSummary:
     """Mark a fraction of an image folder and write a complete released copy.
 
     Every image of the source is written to ``output`` at the same relative
@@ -245,6 +252,7 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
             release them (the released copy holds their vanilla version); their marked versions go to the
             private folder ``<record stem>.holdout/`` beside the record. They give the black-box test an exact
             control (see :mod:`radioactive.blackbox`).
+        strict: fail on the first unreadable image instead of skipping it.
         device: torch device of the optimisation (``cpu``, ``cuda``); CPU results are bit-reproducible.
 
     Raises:
@@ -298,9 +306,26 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
     bar = tqdm(total=len(chosen) + len(holdout), desc="marking", unit="img", disable=not progress)
     # a batch holds images of one size
 
+    skipped: dict[int, str] = {}
+
+    def skip(i: int, err: Exception) -> None:
+        if strict:
+            raise RadioactiveError(f"{folder.files[i]} cannot be used ({err}); --strict turns skips into failures")
+        skipped[i] = str(err)
+        atomic_write_bytes(output / folder.files[i], folder.path(i).read_bytes())  # unchanged, as given
+
     def flush(idx: list[int], released: bool):
         nonlocal linf_max
-        imgs = [load_rgb(folder.path(i)) for i in idx]
+        imgs, ok = [], []
+        for i in idx:
+            try:
+                imgs.append(load_rgb(folder.path(i)))
+                ok.append(i)
+            except RadioactiveError as e:
+                skip(i, e)
+        idx = ok
+        if not idx:
+            return
         batch = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
         labels = [folder.labels[i] for i in idx]
         gens = [image_generator(seed, folder.files[i]) for i in idx]
@@ -324,7 +349,11 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
     for group, released in ((chosen, True), (holdout, False)):
         pending = {}
         for i in group:
-            size = display_size(folder.path(i))
+            try:
+                size = display_size(folder.path(i))
+            except RadioactiveError as e:
+                skip(i, e)
+                continue
             pending.setdefault(size, []).append(i)
             if len(pending[size]) == config.batch_size:
                 flush(pending.pop(size), released)
@@ -333,15 +362,22 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
     bar.close()
     copied = 0
     for i in tqdm(range(len(folder)), desc="copying", unit="img", disable=not progress):
-        if i in marked_set:
+        if i in marked_set or i in skipped:
             continue
-        atomic_write_bytes(output / output_name(folder.files[i]), encode_png(load_rgb(folder.path(i))))
+        try:
+            pixels = load_rgb(folder.path(i))
+        except RadioactiveError as e:
+            skip(i, e)
+            continue
+        atomic_write_bytes(output / output_name(folder.files[i]), encode_png(pixels))
         copied += 1
     atomic_write_bytes(record, ("\n".join(lines) + "\n").encode())
     finite = [p for p in psnrs if math.isfinite(p)]
     return MarkSummary(
-        output=str(output), record=str(record), num_images=len(folder), num_marked=len(chosen), num_copied=copied,
-        num_holdout=len(holdout),
+        output=str(output), record=str(record), num_images=len(folder),
+        num_marked=len(chosen) - sum(1 for i in chosen if i in skipped), num_copied=copied,
+        num_holdout=len(holdout) - sum(1 for i in holdout if i in skipped),
+        num_skipped=len(skipped), skipped=[{"file": folder.files[i], "reason": r} for i, r in sorted(skipped.items())],
         ignored=list(folder.ignored),
         psnr_db_mean=float(np.mean(finite)) if finite else None,
         psnr_db_p5=float(np.percentile(finite, 5)) if finite else None,
