@@ -118,9 +118,33 @@ def test_paired_test_underflow_branch_finite_and_monotone():
     assert all(v < -400 for v in lps)  # far below float64's smallest p (~1e-324): the log tail was used
     assert lps[0] > lps[1] > lps[2]
     assert all(r[1] == n for r in results)
-    # continuity with the regular branch: a shift just large enough to stay representable
-    lp_small, _, _ = paired_test(noise[:2000] + 0.5, np.zeros(2000))
-    assert -323 < lp_small < -10
+
+
+def _force_underflow(monkeypatch, name):
+    """Make scipy's test report p = 0, so that the log-tail branch is used on data where p is representable."""
+    real, calls = getattr(sps, name), []
+
+    def zero_p(*args, **kwargs):
+        res = real(*args, **kwargs)
+        calls.append(res.pvalue)
+        return type(res)(res.statistic, 0.0)
+
+    monkeypatch.setattr(sps, name, zero_p)
+    return calls
+
+
+@pytest.mark.parametrize("test", ["paired", "control"])
+def test_underflow_branch_agrees_with_scipy_where_both_apply(monkeypatch, test):
+    rng = np.random.default_rng(7)
+    d = rng.standard_normal(2000) + 0.4
+    other = rng.standard_normal(2000)
+    run = (lambda: paired_test(d, np.zeros(2000))[0]) if test == "paired" else (lambda: control_test(d, other)[0])
+    regular = run()
+    assert -300 < regular < -20  # representable: scipy's own p-value was used
+    calls = _force_underflow(monkeypatch, "wilcoxon" if test == "paired" else "mannwhitneyu")
+    tail = run()
+    assert len(calls) == 1 and calls[0] > 0  # scipy ran, reported p = 0: the log-tail branch gave `tail`
+    assert tail == pytest.approx(regular, rel=2e-3)
 
 
 # ----------------------------------------------------------------------------- control_test
@@ -213,10 +237,6 @@ def test_read_record_refuses_non_records(tmp_path):
             read_record(bad)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "src bug: blackbox.read_record only catches ValueError/IndexError around the header; an entry line "
-    "missing 'carrier_index' (or 'source', 'output', 'class') raises a bare KeyError, which the CLI does not "
-    "turn into a one-line error"))
 def test_read_record_malformed_entry_raises_radioactive_error(tmp_path):
     line = _line()
     del line["carrier_index"]
@@ -427,10 +447,6 @@ def test_blackbox_needs_exactly_one_of_suspect_and_outputs(holdout_run, tmp_path
         blackbox_detect(holdout_run["record"], suspect=tmp_path / "s.safetensors", outputs=tmp_path / "o.jsonl")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "src bug: blackbox_detect (outputs file, no classes given) maps class names to output columns by the sorted "
-    "names of the classes present in the record, not by the key's class order (carrier_index); a record that "
-    "marks only some classes reads the wrong columns"))
 def test_blackbox_record_with_some_classes_uses_key_class_order(cifar_small, key, tmp_path):
     folder = list_image_folder(cifar_small[0])
     wanted = {"cat", "ship"}
@@ -492,23 +508,17 @@ def test_cli_detect_black_box(holdout_run, entries, tmp_path):
     assert "DETECTED" in proc.stderr
 
 
-def test_cli_black_box_without_record_is_usage_error(tmp_path, capsys):
-    from radioactive.cli import main
-
+def test_cli_black_box_without_record_is_usage_error(tmp_path):
     f = tmp_path / "api.jsonl"
     f.write_text(json.dumps({"path": "x.png", "logits": [0.0] * K}) + "\n")
-    with pytest.raises(SystemExit) as e:
-        main(["detect", "--method", "black-box", "--outputs", str(f)])
-    assert e.value.code == 2
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "--record" in lines[0]
+    proc = subprocess.run([sys.executable, "-m", "radioactive", "detect", "--method", "black-box", "--outputs", str(f)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--record" in lines[0] and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "src bug: cli.py passes `detect --classes` (documented as 'test only these classes') to blackbox_detect as "
-    "`classes`, which blackbox_detect reads as the suspect's output order; with a record covering more classes "
-    "it fails with 'classes of the record unknown to the suspect' (and a subset in another order would read "
-    "the wrong output columns)"))
 def test_cli_black_box_classes_restricts_the_test(holdout_run, entries, tmp_path, capsys):
     from radioactive.cli import main
 

@@ -96,10 +96,6 @@ def test_check_fails_with_a_wrong_null(monkeypatch, wrong_dim, direction):
         assert res.fpr["0.05"] > hi
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "src bug: random_weights(seed=0) and the decoy keys of calibrate_weights(seed=0) both draw from "
-    "np.random.default_rng(0), so with the default seeds the first 'fresh' key equals the weights "
-    "(cosine 1 in every class, log10 p ~ -1e5)"))
 def test_default_seeds_do_not_reuse_the_weights_as_a_fresh_key():
     res = calibrate_weights(random_weights(K, D), N_KEYS)
     # 1000 independent null keys: P(min p < 1e-10) ~ 1e-7

@@ -88,12 +88,16 @@ def read_record(record: str | Path, source_root: str | Path | None = None,
     out = Path(released_root or header["output"]).resolve()
     hold = Path(header.get("holdout") or record.parent / f"{record.stem}.holdout").resolve()
     entries = []
-    for ln in lines[1:]:
-        base = out if ln.get("released", True) else hold
-        s, o = (src / ln["source"]).resolve(), (base / ln["output"]).resolve()
+    for n, ln in enumerate(lines[1:], start=2):
+        try:
+            base = out if ln.get("released", True) else hold
+            s, o = (src / ln["source"]).resolve(), (base / ln["output"]).resolve()
+            entry = RecordEntry(s, o, int(ln["carrier_index"]), str(ln["class"]), bool(ln.get("released", True)))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise RadioactiveError(f"{record}: malformed entry on line {n} ({e!r})") from e
         if not s.is_relative_to(src) or not o.is_relative_to(base):
             raise RadioactiveError(f"record path escapes its folder: {ln['source']!r} / {ln['output']!r}")
-        entries.append(RecordEntry(s, o, int(ln["carrier_index"]), ln["class"], bool(ln.get("released", True))))
+        entries.append(entry)
     return header, entries
 
 
@@ -134,7 +138,7 @@ def paired_test(loss_vanilla: np.ndarray, loss_marked: np.ndarray) -> tuple[floa
     d = d[np.abs(d) > 1e-9]  # no change (constant outputs, float noise): not informative
     if len(d) == 0:
         return 0.0, 0, 0.0
-    res = sstats.wilcoxon(d, alternative="greater", zero_method="wilcox")
+    res = sstats.wilcoxon(d, alternative="greater", zero_method="wilcox", correction=True)
     p = float(res.pvalue)
     if p > 0:
         return min(0.0, math.log10(p)), len(d), float(np.median(d))
@@ -211,7 +215,7 @@ def read_outputs_file(path: str | Path) -> tuple[dict[str, np.ndarray], str]:
 
 def blackbox_detect(record: str | Path, suspect: str | Path | None = None, outputs: str | Path | None = None,
                     alpha: float = 1e-3, classes: list[str] | None = None, source_root=None,
-                    released_root=None) -> DetectionResult:
+                    released_root=None, only_classes: list[str] | None = None) -> DetectionResult:
     """Black-box test of a suspect from its outputs on the marked images and their vanilla versions.
 
     Args:
@@ -220,7 +224,8 @@ def blackbox_detect(record: str | Path, suspect: str | Path | None = None, outpu
         outputs: a file of outputs (see :func:`read_outputs_file`).
         alpha: significance level of the verdict.
         classes: the suspect's class names in output order (default: the
-            suspect's sidecar; for an outputs file, the record's class order).
+            suspect's sidecar; for an outputs file, the key's class order, as in the record).
+        only_classes: test only the marked images of these classes.
 
     Returns:
         a :class:`DetectionResult` with method ``black-box``; ``extra`` holds
@@ -235,8 +240,10 @@ def blackbox_detect(record: str | Path, suspect: str | Path | None = None, outpu
     if (suspect is None) == (outputs is None):
         raise RadioactiveError("give either a runnable suspect or a file of its outputs")
     header, entries = read_record(record, source_root, released_root)
+    if only_classes:
+        entries = [e for e in entries if e.class_name in set(only_classes)]
     if not entries:
-        raise RadioactiveError(f"{record} lists no marked image")
+        raise RadioactiveError(f"{record} lists no marked image (of the classes asked for)")
     names = sorted({e.class_name for e in entries})
     if suspect is not None:
         net, meta = load_suspect(suspect)
@@ -253,12 +260,17 @@ def blackbox_detect(record: str | Path, suspect: str | Path | None = None, outpu
         entries = [e for e in entries if e not in missing]
         o_marked = np.stack([rows[str(e.output)] for e in entries])
         o_vanilla = np.stack([rows[str(e.source)] for e in entries])
-        s_classes = classes or sorted(names)
-    index = {c: i for i, c in enumerate(classes or s_classes)}
-    unknown = [c for c in names if c not in index]
-    if unknown:
-        raise RadioactiveError(f"classes of the record unknown to the suspect: {unknown[:5]}")
-    labels = np.array([index[e.class_name] for e in entries])
+        s_classes = classes or header.get("classes")
+    if s_classes is None:  # outputs in the key's class order: the record's carrier index
+        labels = np.array([e.label for e in entries])
+    else:
+        index = {c: i for i, c in enumerate(classes or s_classes)}
+        unknown = [c for c in names if c not in index]
+        if unknown:
+            raise RadioactiveError(f"classes of the record unknown to the suspect: {unknown[:5]}")
+        labels = np.array([index[e.class_name] for e in entries])
+    if labels.max() >= o_marked.shape[1]:
+        raise RadioactiveError(f"outputs have {o_marked.shape[1]} columns, fewer than the classes of the record")
     lv = true_class_loss(o_vanilla, labels, kind)
     lm = true_class_loss(o_marked, labels, kind)
     released = np.array([e.released for e in entries])

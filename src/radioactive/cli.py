@@ -294,7 +294,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
             if args.record is None or (args.suspect is None) == (args.outputs is None):
                 parser.error("black-box detection needs --record and one of --suspect or --outputs")
-            result = blackbox_detect(args.record, args.suspect, args.outputs, alpha=args.alpha, classes=only)
+            result = blackbox_detect(args.record, args.suspect, args.outputs, alpha=args.alpha, only_classes=only)
         if args.plot and result.method == "white-box":
             plot_cosines(result, args.plot)
         if args.output:

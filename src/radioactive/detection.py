@@ -265,7 +265,7 @@ def decoy_log10_pvalues(w_tilde: np.ndarray, num_keys: int, seed: int = 0) -> np
     Returns:
         (num_keys,) float64 combined log10 p-values.
     """
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, 0xDEC0])  # a stream of its own: never the same as another seeded draw
     k, d = w_tilde.shape
     out = np.empty(num_keys)
     for i in range(num_keys):

@@ -298,7 +298,7 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
     output.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({
         "kind": "radioactive-record", "schema": RECORD_SCHEMA, "package_version": __version__,
-        "key_fingerprint": key.fingerprint, "source": str(source.resolve()), "output": str(output.resolve()),
+        "key_fingerprint": key.fingerprint, "classes": list(key.classes), "source": str(source.resolve()), "output": str(output.resolve()),
         "holdout": str(holdout_dir.resolve()) if holdout else None, "holdout_fraction": holdout_fraction,
         "fraction": fraction, "seed": seed, "config": asdict(config),
     })]

@@ -198,6 +198,7 @@ def load_marking_network(spec: MarkingNetworkSpec) -> tuple[FeatureNetwork, Mark
     model = EfficientNet.from_name("efficientnet-lite0")
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
+    model = model.to(memory_format=torch.channels_last)  # same numbers, about 1.5x faster on CPU
     pre = Preprocessing(spec.image_size, (127 / 255,) * 3, (128 / 255,) * 3)
     net = FeatureNetwork(model, pre, "_fc", name=f"{spec.name}@{spec.image_size}px")
     return freeze(net), MarkingNetworkSpec(spec.name, spec.image_size, digest)

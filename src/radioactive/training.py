@@ -201,7 +201,7 @@ def _train_linear(x, y, num_classes, config, progress, device):
 
 def _train_scratch(x, y, num_classes, config, progress, device):
     pre = Preprocessing(config.image_size, CIFAR_MEAN, CIFAR_STD)
-    model = build_architecture(config.architecture, num_classes).to(device)
+    model = build_architecture(config.architecture, num_classes).to(device, memory_format=torch.channels_last)
     net = FeatureNetwork(model, pre)
     opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
                           weight_decay=config.weight_decay)
