@@ -81,6 +81,19 @@ def main(argv=None) -> int:
                        weight_decay=5e-4, image_size=32, seed=a.seed)
     out = {"cell_id": cell_id, "q": a.fraction, "config": cell, "psnr_db_mean": mark["psnr_db_mean"],
            "psnr_db_p5": mark["psnr_db_p5"], "linf_max": mark["linf_max"], "num_marked": mark["num_marked"]}
+    # alignment set 2: the test images plus every training image released unmarked (never a marked one)
+    align_dir = work / f"align-{mark_id}"
+    if not align_dir.is_dir():
+        marked = {json.loads(ln)["source"] for ln in record.read_text().splitlines()[1:]
+                  if json.loads(ln).get("released", True)}
+        for split in (test_dir, train_dir):
+            for f in sorted(split.rglob("*.jpg")):
+                rel = f.relative_to(split).as_posix()
+                if split == train_dir and rel in marked:
+                    continue
+                dst = align_dir / f.parent.name / f"{split.name}-{f.name}"
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.symlink_to(f.resolve())
     for name, tdir in (("suspect", released), ("control", train_dir)):
         tag = f"{name}-{mark_id if name == 'suspect' else 'vanilla'}-{a.arch}-{a.epochs}-{a.lr}-{a.seed}"
         weights = work / "models" / f"{tag}.safetensors"
@@ -91,9 +104,12 @@ def main(argv=None) -> int:
             acc = json.loads(weights.with_suffix(".json").read_text())["test_accuracy"]
         wb = detect(weights, key, test_dir, decoys=100, decoy_seed=a.seed)
         wb_ridge = detect(weights, key, test_dir, ridge=0.1)
+        wb_big = detect(weights, key, align_dir)
         bb = blackbox_detect(record, weights)
         out[name] = {"accuracy": acc, "log10_p_whitebox": wb.log10_pvalue, "alignment_r2": wb.alignment_r2,
                      "log10_p_whitebox_ridge0.1": wb_ridge.log10_pvalue,
+                     "log10_p_whitebox_align_train": wb_big.log10_pvalue, "alignment_r2_align_train": wb_big.alignment_r2,
+                     "num_alignment_images_align_train": wb_big.num_alignment_images,
                      "decoy_empirical_log10_p": wb.extra["decoys"]["empirical_log10_pvalue"],
                      "log10_p_blackbox": bb.log10_pvalue, "blackbox_test": bb.extra["test"],
                      "log10_p_blackbox_paired": bb.extra["paired_log10_pvalue"],

@@ -125,3 +125,44 @@ def test_not_a_key(tmp_path, slice_dirs):
 def test_help_shows_defaults_and_example():
     proc = run_cli("mark", "--help", check_rc=0)
     assert "example:" in proc.stdout and "(default: 10)" in proc.stdout
+
+
+def test_html_report_is_self_contained(tmp_path, slice_dirs):
+    """Every image the report references is embedded as a data URI and decodes."""
+    import base64
+    import io
+    from html.parser import HTMLParser
+
+    from radioactive.detection import DetectionResult
+
+    result = DetectionResult(method="white-box", log10_pvalue=-12.5, detected=True, alpha=1e-3,
+                             classes=["a", "b", "c"], cosines=[0.1, 0.05, -0.02], class_log10_pvalues=[-5, -2, -0.1],
+                             dim=1280, alignment_r2=0.9, num_alignment_images=100, key_fingerprint="abc")
+    result.extra["decoys"] = {"num_keys": 50, "empirical_log10_pvalue": -1.7,
+                              "log10_pvalues": list(np.log10(np.random.default_rng(0).random(50)))}
+    saved = result.save(tmp_path / "r.json")
+    # a real record with real marked images
+    train_dir = slice_dirs[0]
+    key = tmp_path / "k.safetensors"
+    run_cli("keygen", "--data", train_dir, "--seed", 5, "--output", key, check_rc=0)
+    out = json.loads(run_cli("mark", "--source", train_dir, "--key", key, "--fraction", 0.1, "--steps", 2,
+                             "--output", tmp_path / "rel" / "train", check_rc=0).stdout)
+    html = tmp_path / "report.html"
+    run_cli("report", "--result", saved, "--record", out["record"], "--output", html, check_rc=0)
+
+    class Images(HTMLParser):
+        srcs: list = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                self.srcs.append(dict(attrs)["src"])
+
+    parser = Images()
+    parser.feed(html.read_text())
+    assert len(parser.srcs) >= 2 + 3  # cosines (with decoys), PSNR histogram, one triplet at least
+    for src in parser.srcs:
+        assert src.startswith("data:image/png;base64,"), src[:40]
+        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as im:
+            im.load()
+            assert im.size[0] > 0
+    assert "DETECTED" in html.read_text() and "http" not in html.read_text().replace("http-equiv", "")

@@ -211,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the fresh keys")
     c.add_argument("--output", type=Path, default=None, help="result JSON to write")
 
+    r = _sub(subs, "report", "one self-contained HTML report of a detection result",
+             "radioactive report --result result.json --record released.record.jsonl --output report.html")
+    r.add_argument("--result", type=_existing, required=True, help="result JSON written by detect --output")
+    r.add_argument("--record", type=_existing, default=None,
+                   help="private record of the marking: adds PSNR distribution and example images")
+    r.add_argument("--output", type=Path, required=True, help="HTML file to write")
+
     e = _sub(subs, "demo", "the whole story on CIFAR-10: keygen, mark, train a suspect and a control, detect, report",
              "radioactive demo --output-dir demo-output")
     e.add_argument("--output-dir", type=Path, required=True, help="folder to create for every artefact")
@@ -318,6 +325,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.output:
             atomic_write_bytes(args.output, json.dumps(result, indent=2).encode())
         _emit(result)
+    elif args.command == "report":
+        from .detection import DetectionResult
+        from .report import html_report
+
+        path = html_report(DetectionResult.load(args.result), args.output, args.record)
+        _emit({"report": str(path)})
     elif args.command == "demo":
         import dataclasses
 

@@ -15,7 +15,7 @@ from .detection import detect
 from .errors import RadioactiveError
 from .keys import generate_key
 from .marking import MarkingConfig, mark_folder
-from .report import markdown_report, plot_cosines
+from .report import html_report, markdown_report, plot_cosines
 from .training import TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def run_demo(output_dir: str | Path, config: DemoConfig = DemoConfig(), archive:
     Layout of ``output_dir``: ``data/vanilla/{train,test}`` (the CIFAR-10
     slice), ``data/released/train`` (the released copy), ``private/`` (key
     and record: secret), ``models/`` (suspects), ``detect-*.json``,
-    ``cosines-*.png``, ``summary.json``, ``report.md``.
+    ``cosines-*.png``, ``report-*.html`` (self-contained), ``summary.json``, ``report.md``.
 
     Returns:
         the summary dictionary.
@@ -83,6 +83,7 @@ def run_demo(output_dir: str | Path, config: DemoConfig = DemoConfig(), archive:
         result.save(out / f"detect-{name}.json")
         black = blackbox_detect(mark.record, trained.weights, alpha=config.alpha)
         black.save(out / f"detect-blackbox-{name}.json")
+        html_report(result, out / f"report-{name}.html", mark.record)
         plots[name] = plot_cosines(result, out / f"cosines-{name}.png",
                                    f"suspect trained on {name} data: log10 p = {result.log10_pvalue:.2f}").name
         suspects[name] = {

