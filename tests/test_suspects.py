@@ -117,3 +117,45 @@ def test_malicious_checkpoint_refused_by_detect_before_key(tmp_path, key):
     with pytest.raises(RadioactiveError, match="refused"):
         load_suspect(path)
     assert not marker.exists()
+
+
+def test_torchscript_runs_black_box_and_is_refused_white_box(tmp_path):
+    from radioactive.networks import load_runnable
+
+    torch.manual_seed(2)
+    model = build_architecture("resnet18", 3).eval()
+    path = tmp_path / "m.pt"
+    torch.jit.script(model).save(str(path))
+    path.with_suffix(".json").write_text(json.dumps({
+        "architecture": "torchscript", "classes": ["a", "b", "c"],
+        "preprocessing": Preprocessing(32, CIFAR_MEAN, CIFAR_STD).to_dict()}))
+    run, meta = load_runnable(path)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(Preprocessing(32, CIFAR_MEAN, CIFAR_STD)(x))
+        torch.testing.assert_close(run(x), expected)
+    with pytest.raises(RadioactiveError, match="black-box"):
+        load_suspect(path)
+
+
+@pytest.mark.parametrize("pre", [{"image_size": 32, "mean": [0, 0], "std": [1, 1, 1]},
+                                 {"image_size": 32, "mean": [0, 0, 0], "std": [1, 0, 1]},
+                                 {"image_size": -3, "mean": [0, 0, 0], "std": [1, 1, 1]},
+                                 {"mean": [0, 0, 0], "std": [1, 1, 1]}])
+def test_bad_preprocessing_is_an_error(tmp_path, pre):
+    path = tmp_path / "m.safetensors"
+    save_file(dict(build_architecture("resnet18", 3).state_dict()), str(path))
+    path.with_suffix(".json").write_text(json.dumps({"architecture": "resnet18", "classes": ["a", "b", "c"],
+                                                     "preprocessing": pre}))
+    with pytest.raises(RadioactiveError, match="preprocessing"):
+        load_suspect(path)
+
+
+def test_layer_can_be_named(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file(dict(build_architecture("vgg11", 3).state_dict()), str(path))
+    _sidecar(path, arch="vgg11")
+    net, _ = load_suspect(path, layer="classifier.6")
+    assert net.classifier_name == "classifier.6" and net.feature_dim == 4096
+    with pytest.raises(RadioactiveError, match="4096 outputs"):
+        load_suspect(path, layer="classifier.3")

@@ -220,7 +220,7 @@ def blackbox_detect(record: str | Path, suspect: str | Path | None = None, outpu
 
     Args:
         record: the private record of ``mark`` (lists marked images and vanilla sources).
-        suspect: a runnable suspect (``.safetensors`` + sidecar), or
+        suspect: a runnable suspect (weights + sidecar, or TorchScript + sidecar), or
         outputs: a file of outputs (see :func:`read_outputs_file`).
         alpha: significance level of the verdict.
         classes: the suspect's class names in output order (default: the
@@ -234,7 +234,7 @@ def blackbox_detect(record: str | Path, suspect: str | Path | None = None, outpu
     Raises:
         RadioactiveError: neither or both of suspect/outputs, missing images or outputs.
     """
-    from .networks import load_suspect
+    from .networks import load_runnable
 
     t0 = time.time()
     if (suspect is None) == (outputs is None):
@@ -246,7 +246,7 @@ def blackbox_detect(record: str | Path, suspect: str | Path | None = None, outpu
         raise RadioactiveError(f"{record} lists no marked image (of the classes asked for)")
     names = sorted({e.class_name for e in entries})
     if suspect is not None:
-        net, meta = load_suspect(suspect)
+        net, meta = load_runnable(suspect)
         s_classes = list(meta["classes"])
         size = meta.get("preprocessing", {}).get("image_size")
         o_marked = model_outputs(net, [e.output for e in entries], size)

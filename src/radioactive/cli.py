@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ridge", type=_nonneg_float, default=0.0, help="alignment ridge weight")
     d.add_argument("--classes", default=None, help="test only these classes (comma-separated), e.g. the marked ones")
     d.add_argument("--max-images", type=_positive_int, default=None, help="use at most this many images")
+    d.add_argument("--layer", default=None, help="white-box: name of the suspect's last linear layer "
+                                                 "(default: the sidecar's 'classifier', else the last nn.Linear)")
     d.add_argument("--decoys", type=_nonneg_int, default=0,
                    help="white-box: also score this many fresh random keys and report the real key's rank")
 
@@ -295,7 +297,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             if args.suspect is None or args.key is None or args.images is None:
                 parser.error("white-box detection needs --suspect, --key and --images")
             result = detect(args.suspect, Key.load(args.key), args.images, alpha=args.alpha, ridge=args.ridge,
-                            only_classes=only, max_images=args.max_images, decoys=args.decoys)
+                            only_classes=only, max_images=args.max_images, decoys=args.decoys, layer=args.layer)
         else:
             from .blackbox import blackbox_detect
 

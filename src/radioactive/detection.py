@@ -243,7 +243,7 @@ def match_classes(key_classes, suspect_classes, only: list[str] | None = None) -
 
 def pull_back(suspect: str | Path, key: Key, images: str | Path, ridge: float = 0.0,
               only_classes: list[str] | None = None, max_images: int | None = None,
-              image_size: int | None = None) -> tuple[np.ndarray, list[int], Alignment, dict, int]:
+              image_size: int | None = None, layer: str | None = None) -> tuple[np.ndarray, list[int], Alignment, dict, int]:
     """The suspect's classifier rows expressed in the marking network's feature space.
 
     Returns:
@@ -256,7 +256,7 @@ def pull_back(suspect: str | Path, key: Key, images: str | Path, ridge: float = 
             f"the key's carriers have dimension {key.dim} but the marking network {key.network.name} "
             f"has {marking.feature_dim} features"
         )
-    net, meta = load_suspect(suspect)
+    net, meta = load_suspect(suspect, layer=layer)
     k_idx, s_idx = match_classes(key.classes, meta["classes"], only_classes)
     folder = list_image_folder(images)
     x, _ = load_folder_array(folder, image_size)
@@ -299,7 +299,8 @@ def empirical_log10_pvalue(statistic: float, decoys: np.ndarray) -> float:
 
 def detect(suspect: str | Path, key: Key, images: str | Path, alpha: float = 1e-3, ridge: float = 0.0,
            only_classes: list[str] | None = None, max_images: int | None = None,
-           image_size: int | None = None, decoys: int = 0, decoy_seed: int = 0) -> DetectionResult:
+           image_size: int | None = None, decoys: int = 0, decoy_seed: int = 0,
+           layer: str | None = None) -> DetectionResult:
     """White-box detection of a suspect saved by ``radioactive train``.
 
     Args:
@@ -315,6 +316,7 @@ def detect(suspect: str | Path, key: Key, images: str | Path, alpha: float = 1e-
         decoys: number of fresh random keys scored against the same suspect;
             their distribution and the real key's rank (an empirical p-value)
             go into ``extra``.
+        layer: name of the suspect's last linear layer (default: the sidecar's, else the last nn.Linear).
 
     Returns:
         the :class:`DetectionResult`.
@@ -324,7 +326,7 @@ def detect(suspect: str | Path, key: Key, images: str | Path, alpha: float = 1e-
     """
     t0 = time.time()
     w_tilde, k_idx, alignment, meta, d_s = pull_back(suspect, key, images, ridge, only_classes, max_images,
-                                                     image_size)
+                                                     image_size, layer)
     result = whitebox_test(w_tilde, key.carriers.numpy()[k_idx], [key.classes[i] for i in k_idx], None, alpha,
                            key.fingerprint)
     result.alignment_r2, result.num_alignment_images = alignment.r2, alignment.num_images

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import logging
 import warnings
 from dataclasses import asdict, dataclass
@@ -50,7 +51,23 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
-        return cls(d["image_size"], tuple(d["mean"]), tuple(d["std"]))
+        """Validated preprocessing from a sidecar or key.
+
+        Raises:
+            RadioactiveError: missing fields, a size that is not a positive integer, means/stds that are not
+                three finite numbers, or a std <= 0.
+        """
+        try:
+            size = d["image_size"]
+            mean = tuple(float(v) for v in d["mean"])
+            std = tuple(float(v) for v in d["std"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise RadioactiveError(f"preprocessing needs image_size, mean and std ({e!r})") from e
+        if size is not None and (not isinstance(size, int) or size < 1):
+            raise RadioactiveError(f"preprocessing image_size must be a positive integer or null, got {size!r}")
+        if len(mean) != 3 or len(std) != 3 or not all(map(math.isfinite, mean + std)) or min(std) <= 0:
+            raise RadioactiveError(f"preprocessing mean and std must be 3 finite numbers, std > 0; got {mean}, {std}")
+        return cls(size, mean, std)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         s = self.image_size
@@ -302,7 +319,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_suspect(weights: str | Path, sidecar: str | Path | None = None) -> tuple[FeatureNetwork, dict]:
+def load_suspect(weights: str | Path, sidecar: str | Path | None = None,
+                 layer: str | None = None) -> tuple[FeatureNetwork, dict]:
     """Load a suspect: weights + a JSON description (sidecar).
 
     The sidecar is written by ``radioactive train``; for another model, write
@@ -317,6 +335,7 @@ def load_suspect(weights: str | Path, sidecar: str | Path | None = None) -> tupl
     Args:
         weights: ``.safetensors``, or a ``.pt``/``.pth`` state dict.
         sidecar: JSON description (default: same stem, ``.json``).
+        layer: name of the last linear layer, overriding the sidecar's ``classifier``.
 
     Returns:
         the suspect network and its sidecar dictionary.
@@ -338,6 +357,11 @@ def load_suspect(weights: str | Path, sidecar: str | Path | None = None) -> tupl
         backbone_spec = MarkingNetworkSpec(**meta["backbone"]) if arch == "linear" else None
     except (ValueError, KeyError, TypeError) as e:
         raise RadioactiveError(f"{sidecar} is not a suspect description (missing or bad {e})") from e
+    if arch == "torchscript":
+        raise RadioactiveError(
+            f"{weights} is TorchScript: its penultimate features cannot be read, so white-box detection needs a "
+            "state dict; use --method black-box, which only runs the model"
+        )
     state = read_state_dict(weights)
     if backbone_spec is not None:
         backbone, _ = load_marking_network(backbone_spec)
@@ -347,12 +371,53 @@ def load_suspect(weights: str | Path, sidecar: str | Path | None = None) -> tupl
         if "preprocessing" not in meta:
             raise RadioactiveError(f"{sidecar} lacks 'preprocessing' (image_size, mean, std)")
         model = build_architecture(arch, len(classes))
-        target, pre, cls_name = model, Preprocessing.from_dict(meta["preprocessing"]), meta.get("classifier")
+        target, pre, cls_name = model, Preprocessing.from_dict(meta["preprocessing"]), layer or meta.get("classifier")
     problems = _strict_load(target, state)
     if problems:
         raise RadioactiveError(f"weights in {weights} do not match architecture {arch!r}: {problems}")
     net = FeatureNetwork(model, pre, cls_name, name=f"suspect:{arch}")
+    if net.num_classes != len(classes):
+        raise RadioactiveError(f"layer {net.classifier_name!r} has {net.num_classes} outputs but the suspect has "
+                               f"{len(classes)} classes; name its last linear layer")
     return freeze(net), meta
+
+
+def load_runnable(weights: str | Path, sidecar: str | Path | None = None) -> tuple[nn.Module, dict]:
+    """A suspect that only needs to run (black-box): what :func:`load_suspect` reads, or a TorchScript
+    file described by a sidecar with ``architecture: "torchscript"``, ``classes`` and ``preprocessing``.
+
+    Returns:
+        a module mapping (B, 3, H, W) images in [0, 1] to (B, K) outputs, in eval mode, and the sidecar.
+
+    Raises:
+        RadioactiveError: as :func:`load_suspect`, or a TorchScript file that does not load.
+    """
+    weights = Path(weights)
+    side = Path(sidecar) if sidecar else sidecar_path(weights)
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, ValueError) as e:
+        raise RadioactiveError(f"suspect description not readable: {side} ({e})") from e
+    if isinstance(meta, dict) and meta.get("architecture") == "torchscript":
+        try:
+            scripted = torch.jit.load(str(weights), map_location="cpu")
+        except Exception as e:
+            raise RadioactiveError(f"{weights} is not a TorchScript file ({e})") from e
+        if "classes" not in meta or "preprocessing" not in meta:
+            raise RadioactiveError(f"{side} needs 'classes' and 'preprocessing'")
+        model = _Runnable(scripted, Preprocessing.from_dict(meta["preprocessing"]))
+        return model.eval(), meta
+    net, meta = load_suspect(weights, side)
+    return net, meta
+
+
+class _Runnable(nn.Module):
+    def __init__(self, model: nn.Module, preprocessing: Preprocessing):
+        super().__init__()
+        self.model, self.preprocessing = model, preprocessing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.preprocessing(x))
 
 
 def _strict_load(module: nn.Module, state: dict) -> str:
