@@ -118,7 +118,7 @@ def test_malicious_checkpoint_refused_by_detect_before_key(tmp_path, key):
     assert not marker.exists()
 
 
-def test_torchscript_runs_black_box_and_is_refused_white_box(tmp_path):
+def test_torchscript_runs_black_box_and_reads_features(tmp_path):
     from radioactive.networks import load_runnable
 
     torch.manual_seed(2)
@@ -133,8 +133,15 @@ def test_torchscript_runs_black_box_and_is_refused_white_box(tmp_path):
     with torch.no_grad():
         expected = model(Preprocessing(32, CIFAR_MEAN, CIFAR_STD)(x))
         torch.testing.assert_close(run(x), expected)
-    with pytest.raises(RadioactiveError, match="black-box"):
-        load_suspect(path)
+    net, _ = load_suspect(path)
+    with torch.no_grad():
+        f, logits = net.features_and_logits(x)
+        model.fc, fc = torch.nn.Identity(), model.fc
+        torch.testing.assert_close(f, model(Preprocessing(32, CIFAR_MEAN, CIFAR_STD)(x)))
+        torch.testing.assert_close(logits, expected)
+        torch.testing.assert_close(net.classifier.weight, fc.weight)
+        # the weights were restored
+        torch.testing.assert_close(run(x), expected)
 
 
 @pytest.mark.parametrize("pre", [{"image_size": 32, "mean": [0, 0], "std": [1, 1, 1]},

@@ -358,10 +358,14 @@ def load_suspect(weights: str | Path, sidecar: str | Path | None = None,
     except (ValueError, KeyError, TypeError) as e:
         raise RadioactiveError(f"{sidecar} is not a suspect description (missing or bad {e})") from e
     if arch == "torchscript":
-        raise RadioactiveError(
-            f"{weights} is TorchScript: its penultimate features cannot be read, so white-box detection needs a "
-            "state dict; use --method black-box, which only runs the model"
-        )
+        if "preprocessing" not in meta:
+            raise RadioactiveError(f"{sidecar} lacks 'preprocessing' (image_size, mean, std)")
+        net = ScriptedFeatureNetwork(_load_torchscript(weights), Preprocessing.from_dict(meta["preprocessing"]),
+                                     layer or meta.get("classifier"), name="suspect:torchscript")
+        if net.num_classes != len(classes):
+            raise RadioactiveError(f"layer {net.classifier_name!r} has {net.num_classes} outputs but the suspect has "
+                                   f"{len(classes)} classes; name its last linear layer")
+        return net.eval(), meta
     state = read_state_dict(weights)
     if backbone_spec is not None:
         backbone, _ = load_marking_network(backbone_spec)
@@ -399,16 +403,86 @@ def load_runnable(weights: str | Path, sidecar: str | Path | None = None) -> tup
     except (OSError, ValueError) as e:
         raise RadioactiveError(f"suspect description not readable: {side} ({e})") from e
     if isinstance(meta, dict) and meta.get("architecture") == "torchscript":
-        try:
-            scripted = torch.jit.load(str(weights), map_location="cpu")
-        except Exception as e:
-            raise RadioactiveError(f"{weights} is not a TorchScript file ({e})") from e
+        scripted = _load_torchscript(weights)
         if "classes" not in meta or "preprocessing" not in meta:
             raise RadioactiveError(f"{side} needs 'classes' and 'preprocessing'")
         model = _Runnable(scripted, Preprocessing.from_dict(meta["preprocessing"]))
         return model.eval(), meta
     net, meta = load_suspect(weights, side)
     return net, meta
+
+
+def _load_torchscript(path: Path) -> nn.Module:
+    try:
+        return torch.jit.load(str(path), map_location="cpu").eval()
+    except Exception as e:
+        raise RadioactiveError(f"{path} is not a TorchScript file ({str(e).splitlines()[0][:200]})") from e
+
+
+class ScriptedFeatureNetwork(nn.Module):
+    """A TorchScript classifier seen as features + last linear layer.
+
+    Hooks cannot be added to TorchScript, so the features are read by running
+    the model with its last linear layer's weight temporarily set to the
+    identity and its bias to zero (the layer then outputs its input); the
+    original weights are restored at once. The features are checked: W f + b
+    must give the model's logits.
+
+    Args:
+        model: a loaded TorchScript module mapping normalised images to logits (B, K).
+        preprocessing: applied to [0, 1] inputs.
+        classifier_name: dotted name of the last linear layer (default: the last ``Linear`` submodule).
+    """
+
+    def __init__(self, model: nn.Module, preprocessing: Preprocessing, classifier_name: str | None = None,
+                 name: str = "torchscript"):
+        super().__init__()
+        self.model, self.preprocessing, self.name = model, preprocessing, name
+        linears = [n for n, m in model.named_modules() if getattr(m, "original_name", "") == "Linear"]
+        if classifier_name is None:
+            if not linears:
+                raise RadioactiveError("the TorchScript model has no Linear layer")
+            classifier_name = linears[-1]
+        if classifier_name not in linears:
+            raise RadioactiveError(f"the TorchScript model has no Linear layer named {classifier_name!r}")
+        self.classifier_name = classifier_name
+        self._layer = dict(model.named_modules())[classifier_name]
+        self.classifier = nn.Linear(self._layer.weight.shape[1], self._layer.weight.shape[0])
+        with torch.no_grad():
+            self.classifier.weight.copy_(self._layer.weight)
+            self.classifier.bias.copy_(self._layer.bias)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.classifier.in_features
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.out_features
+
+    @torch.no_grad()
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args: x (B, 3, H, W) in [0, 1]. Returns: features (B, D_s), logits (B, K)."""
+        xn = self.preprocessing(x)
+        logits = self.model(xn)
+        w, b = self._layer.weight.data, self._layer.bias.data
+        try:
+            self._layer.weight.data = torch.eye(self.feature_dim, dtype=w.dtype)
+            self._layer.bias.data = torch.zeros(self.feature_dim, dtype=b.dtype)
+            f = self.model(xn)
+        finally:
+            self._layer.weight.data, self._layer.bias.data = w, b
+        if f.shape != (x.shape[0], self.feature_dim) or not torch.allclose(
+                f @ w.T + b, logits, rtol=1e-3, atol=1e-3 * (1 + float(logits.abs().max()))):
+            raise RadioactiveError(f"layer {self.classifier_name!r} is not the model's last step; name the last "
+                                   "linear layer")
+        return f, logits
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features_and_logits(x)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.preprocessing(x))
 
 
 class _Runnable(nn.Module):
