@@ -419,7 +419,7 @@ def _load_torchscript(path: Path) -> nn.Module:
         raise RadioactiveError(f"{path} is not a TorchScript file ({str(e).splitlines()[0][:200]})") from e
 
 
-class ScriptedFeatureNetwork(nn.Module):
+class ScriptedFeatureNetwork(FeatureNetwork):
     """A TorchScript classifier seen as features + last linear layer.
 
     Hooks cannot be added to TorchScript, so the features are read by running
@@ -436,7 +436,7 @@ class ScriptedFeatureNetwork(nn.Module):
 
     def __init__(self, model: nn.Module, preprocessing: Preprocessing, classifier_name: str | None = None,
                  name: str = "torchscript"):
-        super().__init__()
+        nn.Module.__init__(self)
         self.model, self.preprocessing, self.name = model, preprocessing, name
         linears = [n for n, m in model.named_modules() if getattr(m, "original_name", "") == "Linear"]
         if classifier_name is None:
@@ -451,14 +451,6 @@ class ScriptedFeatureNetwork(nn.Module):
         with torch.no_grad():
             self.classifier.weight.copy_(self._layer.weight)
             self.classifier.bias.copy_(self._layer.bias)
-
-    @property
-    def feature_dim(self) -> int:
-        return self.classifier.in_features
-
-    @property
-    def num_classes(self) -> int:
-        return self.classifier.out_features
 
     @torch.no_grad()
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -477,12 +469,6 @@ class ScriptedFeatureNetwork(nn.Module):
             raise RadioactiveError(f"layer {self.classifier_name!r} is not the model's last step; name the last "
                                    "linear layer")
         return f, logits
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features_and_logits(x)[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.preprocessing(x))
 
 
 class _Runnable(nn.Module):
