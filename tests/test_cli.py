@@ -165,3 +165,25 @@ def test_html_report_is_self_contained(tmp_path, slice_dirs):
             im.load()
             assert im.size[0] > 0
     assert "DETECTED" in html.read_text() and "http" not in html.read_text().replace("http-equiv", "")
+
+
+def test_released_files_are_readable_by_others_and_key_is_private(tmp_path, slice_dirs):
+    import stat
+
+    key = tmp_path / "k.safetensors"
+    run_cli("keygen", "--data", slice_dirs[0], "--seed", 2, "--output", key, check_rc=0)
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    out = tmp_path / "rel" / "train"
+    run_cli("mark", "--source", slice_dirs[0], "--key", key, "--fraction", 0.1, "--steps", 1, "--output", out,
+            check_rc=0)
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*.png")}
+    assert all(m & 0o044 == 0o044 for m in modes), modes  # group and others can read the released copy
+
+
+def test_output_inside_source_is_named_first(tmp_path, slice_dirs):
+    key = tmp_path / "k.safetensors"
+    run_cli("keygen", "--data", slice_dirs[0], "--seed", 2, "--output", key, check_rc=0)
+    line = _one_line_error(run_cli("mark", "--source", slice_dirs[0], "--key", key, "--fraction", 0.1,
+                                   "--output", slice_dirs[0] / "inside"), 1)
+    assert "output folder" in line and "inside the source" in line
+    assert not (slice_dirs[0] / "inside").exists()

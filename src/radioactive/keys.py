@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,7 @@ class Key:
         blob = save({"carriers": self.carriers.to(torch.float32).contiguous()}, metadata={"radioactive": json.dumps(meta)})
         path = Path(path)
         atomic_write_bytes(path, blob)
+        os.chmod(path, 0o600)  # the key is secret
         return path
 
     @classmethod
@@ -100,7 +102,7 @@ class Key:
                 meta = json.loads((f.metadata() or {})["radioactive"])
                 carriers = f.get_tensor("carriers")
         except Exception as e:
-            raise RadioactiveError(f"{path} is not a radioactive key ({e})") from e
+            raise RadioactiveError(f"{path} is not a radioactive key (not a safetensors file with key metadata)") from e
         if not isinstance(meta, dict) or meta.get("schema") != KEY_SCHEMA:
             schema = meta.get("schema") if isinstance(meta, dict) else None
             raise RadioactiveError(f"{path}: not a key of schema {KEY_SCHEMA} (schema {schema})")

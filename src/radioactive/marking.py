@@ -267,6 +267,7 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
             f"the classes of {source} ({len(folder.classes)}) differ from the key's ({len(key.classes)}); "
             "make the key with `radioactive keygen --data` on this folder"
         )
+    check_output_dir(source, output, overwrite)
     record = Path(record) if record else output.parent / f"{output.name}.record.jsonl"
     if record.resolve().is_relative_to(output.resolve()):
         raise RadioactiveError("the private record must be written outside the released copy")
@@ -277,7 +278,6 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
         other = names.setdefault(output_name(rel).lower(), rel)
         if other != rel:
             raise RadioactiveError(f"{other} and {rel} would both be written as {output_name(rel)}; rename one")
-    check_output_dir(source, output, overwrite)
     if (fraction is None) == (files is None):
         raise RadioactiveError("give either a marked fraction or a list of files to mark")
     if files is not None:

@@ -112,7 +112,8 @@ def markdown_report(summary: dict, plots: dict[str, str]) -> str:
               "model's loss on the marked images with their vanilla versions (one-sided Wilcoxon signed-rank).", ""]
     for name, p in plots.items():
         lines += [f"## {name}", "", f"![{name}]({p})", ""]
-    lines += [f"Total time: {s['seconds']:.0f} s.", ""]
+    lines += ["Detailed, self-contained reports: " + ", ".join(f"[{n}](report-{n}.html)" for n in s["suspects"]) + ".",
+              "", f"Total time: {s['seconds']:.0f} s.", ""]
     return "\n".join(lines)
 
 
