@@ -136,3 +136,17 @@ def test_cli_calibrate_needs_key(capsys):
     assert e.value.code == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(lines) == 1 and "--key" in lines[0]
+
+
+def test_real_vanilla_model_trained_by_the_project_is_calibrated(cifar_small, key, tmp_path):
+    """(b) of the calibration check: a linear classifier trained by `train` on real vanilla images,
+    pulled back through the real alignment, scored against 1,000 fresh keys."""
+    from radioactive.detection import pull_back
+    from radioactive.training import TrainConfig, train
+
+    trained = train(cifar_small[0], cifar_small[1], tmp_path / "vanilla.safetensors",
+                    TrainConfig(recipe="linear", epochs=3, views=1), progress=False)
+    w_tilde = pull_back(trained.weights, key, cifar_small[1])[0]
+    result = calibrate_weights(w_tilde, num_keys=1000, seed=3, name="vanilla linear")
+    assert result.calibrated, result
+    assert result.ks_pvalue > 0.01
