@@ -9,7 +9,8 @@ with the feature penalty re-formulated, see below)::
 
 * t: random resized crop + horizontal flip, re-drawn at every step; the same
   draw is applied to the marked and the vanilla image.
-* ||x~ - x||^2 is summed over the pixels in [0, 1].
+* ||x~ - x||^2 is summed over the pixels in [0, 1] and scaled by 1024 / (H W)
+  (the sum for a 32 x 32 image), so that lambda_img means the same at any size.
 * P_perp projects onto the orthogonal complement of u_k: the feature penalty
   keeps the image's features where they were in every direction except the
   carrier's. The paper's form (unsquared distance to the centre view of the
@@ -54,7 +55,8 @@ class MarkingConfig:
         steps: optimisation steps per image.
         lr: Adam learning rate on the pixel perturbation, in [0, 1] pixel units.
         linf: L-infinity radius in 8-bit levels (1..255).
-        lambda_img: weight of the squared pixel distance (summed over pixels in [0, 1]).
+        lambda_img: weight of the squared pixel distance (summed over pixels in [0, 1], scaled to a
+            32 x 32 image: multiplied by 1024 / (H W), so one value gives a similar PSNR at any size).
         lambda_ft: weight of the squared feature drift orthogonal to the carrier.
         round_every: round to 8-bit levels every this many steps (and at the end).
         batch_size: images optimised together (results do not depend on it).
@@ -113,6 +115,7 @@ def mark_batch(net: FeatureNetwork, images: torch.Tensor, carriers: torch.Tensor
     lo = torch.clamp(x - eps, min=0.0)
     hi = torch.clamp(x + eps, max=1.0)
     aug = ResizedCropFlip(scale=config.crop_scale)
+    pixel_scale = 1024.0 / (x.shape[-2] * x.shape[-1])  # the penalty is per 32 x 32 image: same PSNR trade-off at any size
     delta = torch.zeros_like(x, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=config.lr)
     u = carriers.to(dev, torch.float32)
@@ -121,7 +124,7 @@ def mark_batch(net: FeatureNetwork, images: torch.Tensor, carriers: torch.Tensor
         xm = x + delta
         f = net.features(aug.apply(xm, params))
         loss = -(f * u).sum(1)
-        loss = loss + config.lambda_img * (delta**2).flatten(1).sum(1)
+        loss = loss + config.lambda_img * (delta**2).flatten(1).sum(1) * pixel_scale
         if config.lambda_ft > 0:
             with torch.no_grad():
                 f0 = net.features(aug.apply(x, params))
