@@ -187,3 +187,12 @@ def test_output_inside_source_is_named_first(tmp_path, slice_dirs):
                                    "--output", slice_dirs[0] / "inside"), 1)
     assert "output folder" in line and "inside the source" in line
     assert not (slice_dirs[0] / "inside").exists()
+
+
+def test_archive_gives_train_and_test_splits():
+    from radioactive.cli import _cifar_train
+    from radioactive.data import CIFAR10_ARCHIVE, default_data_dir, list_image_folder
+
+    archive = default_data_dir() / CIFAR10_ARCHIVE
+    train, test = list_image_folder(_cifar_train(archive)), list_image_folder(_cifar_train(archive, "test"))
+    assert len(train) == 50_000 and len(test) == 10_000 and train.classes == test.classes

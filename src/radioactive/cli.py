@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--recipe", choices=("linear", "scratch"), default=TC.recipe,
                    help="linear: classifier on frozen marking-network features; scratch: architecture from random init")
     t.add_argument("--train", type=_existing, required=True, help="training image folder")
-    t.add_argument("--test", type=_existing, required=True, help="test image folder (same classes)")
+    t.add_argument("--test", type=_existing, required=True,
+                   help="test image folder (same classes), or the CIFAR-10 archive (its test split)")
     t.add_argument("--output", type=Path, required=True, help="weights to write (.safetensors; a .json sidecar is written beside)")
     t.add_argument("--arch", default=TC.architecture, help="scratch: resnet18_cifar or a torchvision model name")
     t.add_argument("--network", default=NS.name, help="linear: frozen backbone (a marking network)")
@@ -188,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--suspect", type=_existing, default=None, help="suspect weights (.safetensors with its .json sidecar)")
     d.add_argument("--key", type=_existing, default=None, help="key file (white-box)")
     d.add_argument("--images", type=_existing, default=None,
-                   help="white-box: vanilla held-out image folder (never marked images) to fit the alignment")
+                   help="white-box: vanilla held-out image folder (never marked images) to fit the alignment, "
+                        "or the CIFAR-10 archive (its test split)")
     d.add_argument("--record", type=_existing, default=None, help="black-box: the private record written by mark")
     d.add_argument("--outputs", type=_existing, default=None,
                    help="black-box: JSON lines or CSV of the suspect's outputs (path, logits or probs)")
@@ -237,11 +239,12 @@ def _emit(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
-def _cifar_train(source: Path) -> Path:
+def _cifar_train(source: Path, split: str = "train") -> Path:
+    """An image folder as given, or the ``split`` folder of the CIFAR-10 archive (extracted once into the cache)."""
     from .data import extract_cifar10
 
-    if source.is_file() and source.name.endswith((".tar.gz", ".tgz", ".tar")):
-        return extract_cifar10(source) / "train"
+    if source is not None and source.is_file() and source.name.endswith((".tar.gz", ".tgz", ".tar")):
+        return extract_cifar10(source) / split
     return source
 
 
@@ -285,7 +288,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                           backbone=MarkingNetworkSpec(args.network, args.network_image_size), epochs=args.epochs,
                           views=args.views, batch_size=args.batch_size, lr=args.lr or default_lr(args.recipe),
                           weight_decay=wd, image_size=args.image_size, seed=args.seed)
-        _emit(train(args.train, args.test, args.output, cfg, progress=sys.stderr.isatty(), device=args.device).to_dict())
+        _emit(train(_cifar_train(args.train), _cifar_train(args.test, "test"), args.output, cfg, progress=sys.stderr.isatty(), device=args.device).to_dict())
     elif args.command == "detect":
         from .keys import Key
         from .report import plot_cosines
@@ -296,7 +299,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
             if args.suspect is None or args.key is None or args.images is None:
                 parser.error("white-box detection needs --suspect, --key and --images")
-            result = detect(args.suspect, Key.load(args.key), args.images, alpha=args.alpha, ridge=args.ridge,
+            result = detect(args.suspect, Key.load(args.key), _cifar_train(args.images, "test"), alpha=args.alpha, ridge=args.ridge,
                             only_classes=only, max_images=args.max_images, decoys=args.decoys, layer=args.layer)
         else:
             from .blackbox import blackbox_detect
@@ -322,7 +325,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         else:
             if args.images is None:
                 parser.error("calibrating a suspect needs --images (vanilla images for the alignment)")
-            w, name = pull_back(args.suspect, key, args.images)[0], str(args.suspect)
+            w, name = pull_back(args.suspect, key, _cifar_train(args.images, "test"))[0], str(args.suspect)
         result = calibrate_weights(w, args.keys, args.seed, name).to_dict()
         if args.output:
             atomic_write_bytes(args.output, json.dumps(result, indent=2).encode())
