@@ -190,9 +190,9 @@ def test_output_inside_source_is_named_first(tmp_path, slice_dirs):
 
 
 def test_archive_gives_train_and_test_splits():
-    from radioactive.cli import _cifar_train
+    from radioactive.cli import _folder_or_archive
     from radioactive.data import CIFAR10_ARCHIVE, default_data_dir, list_image_folder
 
     archive = default_data_dir() / CIFAR10_ARCHIVE
-    train, test = list_image_folder(_cifar_train(archive)), list_image_folder(_cifar_train(archive, "test"))
+    train, test = list_image_folder(_folder_or_archive(archive)), list_image_folder(_folder_or_archive(archive, "test"))
     assert len(train) == 50_000 and len(test) == 10_000 and train.classes == test.classes

@@ -21,78 +21,29 @@ from .training import TrainConfig
 MC, TC, NS = MarkingConfig(), TrainConfig(), MarkingNetworkSpec()
 
 
-def _fraction(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {s!r}") from None
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {s!r}")
-    return v
+def _number(cast, ok, expected: str):
+    """An argparse type: ``cast`` the text, check ``ok(value)``, else say what was ``expected``."""
+
+    def parse(s: str):
+        try:
+            v = cast(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}") from None
+        if not (math.isfinite(v) and ok(v)):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}")
+        return v
+
+    return parse
 
 
-def _holdout(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {s!r}") from None
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {s!r}")
-    return v
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
-
-
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
-    return v
-
-
-def _linf(s: str) -> int:
-    v = _positive_int(s)
-    if v > 255:
-        raise argparse.ArgumentTypeError(f"expected an L-infinity radius in 1..255 (8-bit levels), got {s!r}")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
-    return v
-
-
-def _nonneg_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}") from None
-    if not (v >= 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
-    return v
-
-
-def _alpha(s: str) -> float:
-    v = _positive_float(s)
-    if v >= 1:
-        raise argparse.ArgumentTypeError(f"expected a significance level in (0, 1), got {s!r}")
-    return v
+_fraction = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+_holdout = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+_nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+_linf = _number(int, lambda v: 1 <= v <= 255, "an L-infinity radius in 1..255 (8-bit levels)")
+_positive_float = _number(float, lambda v: v > 0, "a positive number")
+_nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
+_alpha = _number(float, lambda v: 0 < v < 1, "a significance level in (0, 1)")
 
 
 def _existing(s: str) -> Path:
@@ -239,7 +190,7 @@ def _emit(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
-def _cifar_train(source: Path, split: str = "train") -> Path:
+def _folder_or_archive(source: Path, split: str = "train") -> Path:
     """An image folder as given, or the ``split`` folder of the CIFAR-10 archive (extracted once into the cache)."""
     from .data import extract_cifar10
 
@@ -254,7 +205,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from .keys import generate_key
 
         if args.data is not None:
-            classes = list(list_image_folder(_cifar_train(args.data)).classes)
+            classes = list(list_image_folder(_folder_or_archive(args.data)).classes)
         else:
             classes = [c.strip() for c in args.classes.split(",") if c.strip()]
         key = generate_key(classes, MarkingNetworkSpec(args.network, args.image_size), seed=args.seed)
@@ -270,7 +221,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         files = None
         if args.files is not None:
             files = [ln.strip() for ln in args.files.read_text().splitlines() if ln.strip()]
-        summary = mark_folder(_cifar_train(args.source), Key.load(args.key), args.output, args.record,
+        summary = mark_folder(_folder_or_archive(args.source), Key.load(args.key), args.output, args.record,
                               fraction=args.fraction, files=files, seed=args.seed, config=cfg,
                               overwrite=args.overwrite, progress=sys.stderr.isatty(), device=args.device,
                               holdout_fraction=args.holdout_fraction, strict=args.strict)
@@ -288,7 +239,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                           backbone=MarkingNetworkSpec(args.network, args.network_image_size), epochs=args.epochs,
                           views=args.views, batch_size=args.batch_size, lr=args.lr or default_lr(args.recipe),
                           weight_decay=wd, image_size=args.image_size, seed=args.seed)
-        _emit(train(_cifar_train(args.train), _cifar_train(args.test, "test"), args.output, cfg, progress=sys.stderr.isatty(), device=args.device).to_dict())
+        _emit(train(_folder_or_archive(args.train), _folder_or_archive(args.test, "test"), args.output, cfg, progress=sys.stderr.isatty(), device=args.device).to_dict())
     elif args.command == "detect":
         from .keys import Key
         from .report import plot_cosines
@@ -299,7 +250,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
             if args.suspect is None or args.key is None or args.images is None:
                 parser.error("white-box detection needs --suspect, --key and --images")
-            result = detect(args.suspect, Key.load(args.key), _cifar_train(args.images, "test"), alpha=args.alpha, ridge=args.ridge,
+            result = detect(args.suspect, Key.load(args.key), _folder_or_archive(args.images, "test"), alpha=args.alpha, ridge=args.ridge,
                             only_classes=only, max_images=args.max_images, decoys=args.decoys, layer=args.layer)
         else:
             from .blackbox import blackbox_detect
@@ -325,7 +276,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         else:
             if args.images is None:
                 parser.error("calibrating a suspect needs --images (vanilla images for the alignment)")
-            w, name = pull_back(args.suspect, key, _cifar_train(args.images, "test"))[0], str(args.suspect)
+            w, name = pull_back(args.suspect, key, _folder_or_archive(args.images, "test"))[0], str(args.suspect)
         result = calibrate_weights(w, args.keys, args.seed, name).to_dict()
         if args.output:
             atomic_write_bytes(args.output, json.dumps(result, indent=2).encode())
