@@ -28,6 +28,7 @@ from radioactive.data import cifar10_subset
 from radioactive.detection import detect
 from radioactive.keys import generate_key
 from radioactive.marking import MarkingConfig, mark_folder
+from radioactive.networks import MarkingNetworkSpec
 from radioactive.training import TrainConfig, train
 
 
@@ -44,13 +45,20 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=MarkingConfig.steps)
     p.add_argument("--linf", type=int, default=MarkingConfig.linf)
     p.add_argument("--lambda-img", type=float, default=MarkingConfig.lambda_img)
+    p.add_argument("--marker", type=Path, default=None,
+                   help="marking network saved by `radioactive train` (in-domain); default EfficientNet-Lite0 at 64 px")
+    p.add_argument("--augment", default=MarkingConfig.augmentation, help="marking augmentation: resized_crop or pad_crop")
+    p.add_argument("--views", type=int, default=MarkingConfig.views, help="augmented views per marking step")
+    p.add_argument("--train-seed", type=int, default=None, help="seed of the suspect's and control's training (default --seed)")
     p.add_argument("--holdout", type=float, default=0.0, help="withheld marked fraction (black-box control)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workdir", type=Path, default=Path("runs/from_scratch"))
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/from_scratch.jsonl"))
     a = p.parse_args(argv)
 
-    cell = {k: v for k, v in vars(a).items() if k not in ("workdir", "results", "device")}
+    cell = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()
+            if k not in ("workdir", "results", "device") and not (k in ("marker", "train_seed") and v is None)
+            and not (k == "augment" and v == MarkingConfig.augmentation) and not (k == "views" and v == 1)}
     cell_id = hashlib.sha256(json.dumps(cell, sort_keys=True).encode()).hexdigest()[:12]
     if a.results.is_file():
         for ln in a.results.read_text().splitlines():
@@ -64,10 +72,14 @@ def main(argv=None) -> int:
         cifar10_subset(data, a.train_per_class, a.test_per_class)
     train_dir, test_dir = data / "train", data / "test"
     classes = sorted(x.name for x in train_dir.iterdir())
-    key = generate_key(classes, seed=1000 + a.seed)
-    mcfg = replace(MarkingConfig(), steps=a.steps, linf=a.linf, lambda_img=a.lambda_img)
+    spec = MarkingNetworkSpec("trained", 32, path=str(a.marker)) if a.marker else MarkingNetworkSpec()
+    key = generate_key(classes, spec, seed=1000 + a.seed)
+    mcfg = replace(MarkingConfig(), steps=a.steps, linf=a.linf, lambda_img=a.lambda_img, augmentation=a.augment,
+                   views=a.views)
     mark_id = hashlib.sha256(json.dumps([a.fraction, a.seed, a.steps, a.linf, a.lambda_img, a.train_per_class]
-                                        + ([a.holdout] if a.holdout else []))
+                                        + ([a.holdout] if a.holdout else [])
+                                        + ([str(a.marker), a.augment, a.views] if a.marker or a.augment != "resized_crop"
+                                           or a.views != 1 else []))
                              .encode()).hexdigest()[:10]
     released = work / f"marked-{mark_id}" / "train"
     record = work / f"marked-{mark_id}.record.jsonl"
@@ -78,7 +90,7 @@ def main(argv=None) -> int:
         summary_path.write_text(json.dumps(s.to_dict()))
     mark = json.loads(summary_path.read_text())
     tcfg = TrainConfig(recipe="scratch", architecture=a.arch, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
-                       weight_decay=5e-4, image_size=32, seed=a.seed)
+                       weight_decay=5e-4, image_size=32, seed=a.seed if a.train_seed is None else a.train_seed)
     out = {"cell_id": cell_id, "q": a.fraction, "config": cell, "psnr_db_mean": mark["psnr_db_mean"],
            "psnr_db_p5": mark["psnr_db_p5"], "linf_max": mark["linf_max"], "num_marked": mark["num_marked"]}
     # alignment set 2: the test images plus every training image released unmarked (never a marked one)
@@ -95,7 +107,7 @@ def main(argv=None) -> int:
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 dst.symlink_to(f.resolve())
     for name, tdir in (("suspect", released), ("control", train_dir)):
-        tag = f"{name}-{mark_id if name == 'suspect' else 'vanilla'}-{a.arch}-{a.epochs}-{a.lr}-{a.seed}"
+        tag = f"{name}-{mark_id if name == 'suspect' else 'vanilla'}-{a.arch}-{a.epochs}-{a.lr}-{tcfg.seed}"
         weights = work / "models" / f"{tag}.safetensors"
         if not weights.is_file():
             res = train(tdir, test_dir, weights, tcfg, progress=False, device=a.device)

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from kornia.geometry.transform import crop_and_resize
 
 
@@ -64,3 +65,34 @@ class ResizedCropFlip:
         out = crop_and_resize(x, boxes, (hh, ww), mode="bilinear", padding_mode="border", align_corners=True)
         flip = p[:, 4].view(b, 1, 1, 1) > 0.5
         return torch.where(flip, out.flip(-1), out)
+
+
+@dataclass(frozen=True)
+class PadCropFlip:
+    """Zero-pad by ``pad`` px, random crop back to the original size, horizontal flip: the usual CIFAR
+    trainer's augmentation (torchvision ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip``), per image.
+
+    Attributes:
+        pad: padding in px on each side (the crop is shifted by -pad..pad px in each direction).
+        flip_p: probability of a horizontal flip.
+    """
+
+    pad: int = 4
+    flip_p: float = 0.5
+
+    def draw(self, generators: list[torch.Generator]) -> torch.Tensor:
+        """One parameter draw per image: (B, 3) int64 rows (dx, dy, flip), dx and dy in 0..2 pad."""
+        return torch.stack([torch.cat([torch.randint(0, 2 * self.pad + 1, (2,), generator=g),
+                                       (torch.rand(1, generator=g, dtype=torch.float64) < self.flip_p).long()])
+                            for g in generators])
+
+    def apply(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Apply drawn parameters to (B, C, H, W) float images; exact pixel shifts, differentiable in ``x``."""
+        hh, ww = x.shape[-2:]
+        padded = F.pad(x, (self.pad,) * 4)
+        out = torch.stack([padded[i, :, dy:dy + hh, dx:dx + ww] for i, (dx, dy, _) in enumerate(params.tolist())])
+        flip = (params[:, 2] > 0).to(x.device).view(-1, 1, 1, 1)
+        return torch.where(flip, out.flip(-1), out)
+
+
+AUGMENTATIONS = {"resized_crop": ResizedCropFlip, "pad_crop": PadCropFlip}

