@@ -18,8 +18,7 @@ import torch
 from safetensors.torch import save_file
 from scipy import stats as sps
 
-from radioactive.blackbox import (blackbox_detect, control_test, paired_test, read_outputs_file, read_record,
-                                  true_class_loss)
+from radioactive.blackbox import blackbox_detect, control_test, paired_test, read_outputs_file, read_record, true_class_loss
 from radioactive.data import list_image_folder, load_rgb
 from radioactive.detection import DetectionResult
 from radioactive.errors import RadioactiveError

@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy import stats as sps
 
-import radioactive.detection as detection
+from radioactive import detection
 from radioactive.calibration import ALPHAS, calibrate_weights, random_weights
 from radioactive.detection import whitebox_test
 from radioactive.keys import random_carriers

@@ -19,8 +19,7 @@ import torch
 from radioactive.data import list_image_folder, load_rgb
 from radioactive.errors import RadioactiveError
 from radioactive.keys import Key
-from radioactive.marking import (MarkingConfig, image_generator, mark_batch, mark_folder, output_name, psnr_db,
-                                 select_marked)
+from radioactive.marking import MarkingConfig, image_generator, mark_batch, mark_folder, output_name, psnr_db, select_marked
 
 FAST = MarkingConfig(steps=3, batch_size=16)
 

@@ -30,7 +30,7 @@ def _close(value, ref, rtol=1e-6, atol_small=1e-9):
     return abs(value - ref) <= rtol * abs(ref)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ln_tail_pos(c, d):
     """ln P(C >= c), c in [0, 1), by quadrature of the null density."""
     c = mp.mpf(c)
@@ -58,7 +58,7 @@ def _ln_tail_pos(c, d):
     return (a - 1) * l0 + mp.log(mp.quad(g, pts)) - mp.log(mp.beta(mp.mpf(1) / 2, a))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ref_cosine(c, d):
     """Reference log10 P(C >= c) (c as a float64, d an int)."""
     if c >= 0:

@@ -12,7 +12,15 @@ import torch
 from safetensors.torch import save_file
 
 from radioactive.errors import RadioactiveError
-from radioactive.networks import CIFAR_MEAN, CIFAR_STD, FeatureNetwork, Preprocessing, build_architecture, load_suspect, read_state_dict
+from radioactive.networks import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    FeatureNetwork,
+    Preprocessing,
+    build_architecture,
+    load_suspect,
+    read_state_dict,
+)
 
 FAMILIES = [  # (architecture, expected classifier layer, input side)
     ("resnet18", "fc", 32),

@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .data import atomic_write_bytes, cifar10_subset
 from .blackbox import blackbox_detect
+from .data import atomic_write_bytes, cifar10_subset
 from .detection import detect
 from .errors import RadioactiveError
 from .keys import generate_key

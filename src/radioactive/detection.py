@@ -158,7 +158,7 @@ class DetectionResult:
         return d
 
     @classmethod
-    def load(cls, path: str | Path) -> "DetectionResult":
+    def load(cls, path: str | Path) -> DetectionResult:
         """Read a result JSON written by :meth:`save`.
 
         Raises:

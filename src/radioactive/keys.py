@@ -85,7 +85,7 @@ class Key:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Key":
+    def load(cls, path: str | Path) -> Key:
         """Read a key written by :meth:`save`.
 
         Raises:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import logging
+import math
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,7 +50,7 @@ class Preprocessing:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
+    def from_dict(cls, d: dict) -> Preprocessing:
         """Validated preprocessing from a sidecar or key.
 
         Raises:

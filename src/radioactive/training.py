@@ -26,8 +26,18 @@ from tqdm.auto import tqdm
 from . import __version__
 from .data import atomic_write_bytes, list_image_folder, load_folder_array
 from .errors import RadioactiveError
-from .networks import (CIFAR_MEAN, CIFAR_STD, SIDECAR_SCHEMA, FeatureNetwork, LinearProbe, MarkingNetworkSpec,
-                       Preprocessing, build_architecture, load_marking_network, sidecar_path)
+from .networks import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    SIDECAR_SCHEMA,
+    FeatureNetwork,
+    LinearProbe,
+    MarkingNetworkSpec,
+    Preprocessing,
+    build_architecture,
+    load_marking_network,
+    sidecar_path,
+)
 
 log = logging.getLogger(__name__)
 
