@@ -17,18 +17,22 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from radioactive.blackbox import blackbox_detect
+import numpy as np
+
+from radioactive.blackbox import blackbox_detect, membership_test, model_outputs, true_class_loss
 from radioactive.data import cifar10_subset
 from radioactive.detection import detect
 from radioactive.keys import generate_key
 from radioactive.marking import MarkingConfig, mark_folder
-from radioactive.networks import MarkingNetworkSpec
+from radioactive.networks import MarkingNetworkSpec, load_runnable
 from radioactive.training import TrainConfig, train
 
 
@@ -50,6 +54,8 @@ def main(argv=None) -> int:
     p.add_argument("--augment", default=MarkingConfig.augmentation, help="marking augmentation: resized_crop or pad_crop")
     p.add_argument("--views", type=int, default=MarkingConfig.views, help="augmented views per marking step")
     p.add_argument("--train-seed", type=int, default=None, help="seed of the suspect's and control's training (default --seed)")
+    p.add_argument("--withhold", type=float, default=0.0,
+                   help="share of each class's unmarked images left out of the release (membership test)")
     p.add_argument("--holdout", type=float, default=0.0, help="withheld marked fraction (black-box control)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workdir", type=Path, default=Path("runs/from_scratch"))
@@ -58,7 +64,8 @@ def main(argv=None) -> int:
 
     cell = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()
             if k not in ("workdir", "results", "device") and not (k in ("marker", "train_seed") and v is None)
-            and not (k == "augment" and v == MarkingConfig.augmentation) and not (k == "views" and v == 1)}
+            and not (k == "augment" and v == MarkingConfig.augmentation) and not (k == "views" and v == 1)
+            and not (k == "withhold" and not v)}
     cell_id = hashlib.sha256(json.dumps(cell, sort_keys=True).encode()).hexdigest()[:12]
     if a.results.is_file():
         for ln in a.results.read_text().splitlines():
@@ -89,6 +96,26 @@ def main(argv=None) -> int:
                         overwrite=True, progress=False, device=a.device, holdout_fraction=a.holdout)
         summary_path.write_text(json.dumps(s.to_dict()))
     mark = json.loads(summary_path.read_text())
+    marked_sources = {json.loads(ln)["source"] for ln in record.read_text().splitlines()[1:]}
+    withheld: list[str] = []
+    if a.withhold:  # a seeded random share of each class's unmarked images is never released
+        rng = np.random.default_rng([a.seed, 0x57]) 
+        for c in classes:
+            pool = sorted(f"{c}/{f.name}" for f in (train_dir / c).iterdir() if f"{c}/{f.name}" not in marked_sources)
+            k = round(a.withhold * len(list((train_dir / c).iterdir())))
+            withheld += [pool[i] for i in sorted(rng.choice(len(pool), k, replace=False))]
+        trainer_dir = work / f"released-{mark_id}-w{a.withhold}-{a.seed}"
+        if not trainer_dir.is_dir():
+            tmp = trainer_dir.with_name(trainer_dir.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            drop = {str(Path(w).with_suffix(".png")) for w in withheld}
+            for f in sorted(released.rglob("*.png")):
+                rel = f.relative_to(released).as_posix()
+                if rel not in drop:
+                    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                    os.link(f, tmp / rel)
+            tmp.rename(trainer_dir)
+        released = trainer_dir
     tcfg = TrainConfig(recipe="scratch", architecture=a.arch, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
                        weight_decay=5e-4, image_size=32, seed=a.seed if a.train_seed is None else a.train_seed)
     out = {"cell_id": cell_id, "q": a.fraction, "config": cell, "psnr_db_mean": mark["psnr_db_mean"],
@@ -108,6 +135,8 @@ def main(argv=None) -> int:
                 dst.symlink_to(f.resolve())
     for name, tdir in (("suspect", released), ("control", train_dir)):
         tag = f"{name}-{mark_id if name == 'suspect' else 'vanilla'}-{a.arch}-{a.epochs}-{a.lr}-{tcfg.seed}"
+        if a.withhold and name == "suspect":
+            tag += f"-w{a.withhold}"
         weights = work / "models" / f"{tag}.safetensors"
         if not weights.is_file():
             res = train(tdir, test_dir, weights, tcfg, progress=False, device=a.device)
@@ -127,6 +156,19 @@ def main(argv=None) -> int:
                      "log10_p_blackbox_paired": bb.extra["paired_log10_pvalue"],
                      "blackbox_median_loss_diff": bb.extra["median_loss_difference"],
                      "blackbox_median_loss_diff_holdout": bb.extra.get("median_loss_difference_holdout")}
+        if withheld:  # membership: vanilla versions of released vs withheld images (a control saw them all)
+            net, meta = load_runnable(weights)
+            index = {c: i for i, c in enumerate(meta["classes"])}
+            rel_imgs = [f"{c}/{f.name}" for c in classes for f in sorted((train_dir / c).iterdir())]
+            rel_imgs = [r for r in rel_imgs if r not in set(withheld)]
+            losses = {}
+            for part, names in (("released", rel_imgs), ("withheld", withheld)):
+                o = model_outputs(net, [train_dir / r for r in names], 32)
+                lab = np.array([index[r.split("/")[0]] for r in names])
+                losses[part] = (true_class_loss(o, lab), lab)
+            mt = membership_test(losses["released"][0], losses["withheld"][0], losses["released"][1],
+                                 losses["withheld"][1])
+            out[name].update({"log10_p_membership": mt["log10_pvalue"], "membership": mt})
     out["seconds"] = time.time() - t0
     out["command"] = "python benchmarks/from_scratch.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
     a.results.parent.mkdir(parents=True, exist_ok=True)

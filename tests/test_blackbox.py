@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import save_file
 from scipy import stats as sps
 
-from radioactive.blackbox import blackbox_detect, control_test, paired_test, read_outputs_file, read_record, true_class_loss
+from radioactive.blackbox import (blackbox_detect, control_test, membership_test, paired_test, read_outputs_file,
+                                  read_record, true_class_loss)
 from radioactive.data import list_image_folder, load_rgb
 from radioactive.detection import DetectionResult
 from radioactive.errors import RadioactiveError
@@ -527,3 +528,57 @@ def test_cli_black_box_classes_restricts_the_test(holdout_run, entries, tmp_path
     assert rc == 0, capsys.readouterr().err
     out = json.loads(capsys.readouterr().out)
     assert sorted(out["classes"]) == ["cat", "ship"] and out["extra"]["num_marked_images"] == 6
+
+
+# ----------------------------------------------------------------------------- membership test
+
+def _split(rng, per_class=110, withheld=10, classes=10):
+    g = np.repeat(np.arange(classes), per_class)
+    w = np.zeros(len(g), bool)
+    for c in range(classes):
+        w[np.where(g == c)[0][rng.permutation(per_class)[:withheld]]] = True
+    return g, w
+
+
+def test_membership_test_is_valid_under_exchangeable_losses():
+    """Random withheld splits of one set of losses: the bound never rejects more often than its level."""
+    rng = np.random.default_rng(0)
+    loss = rng.exponential(size=1100)
+    logp = []
+    for _ in range(1000):
+        g, w = _split(rng)
+        logp.append(membership_test(loss[~w], loss[w], g[~w], g[w])["log10_pvalue"])
+    logp = np.array(logp)
+    assert (logp <= 0).all()
+    for level in (0.2, 0.05, 0.01):
+        assert (logp < np.log10(level)).mean() <= level
+
+
+def test_membership_test_detects_a_generalisation_gap_and_matches_the_exact_tail_on_a_small_case():
+    rng = np.random.default_rng(1)
+    g, w = _split(rng)
+    loss = rng.exponential(size=len(g))
+    loss[w] += 1.0  # unseen images: higher loss
+    r = membership_test(loss[~w], loss[w], g[~w], g[w])
+    assert r["log10_pvalue"] < -20 and r["statistic"] > 0.25 and r["num_withheld"] == 100
+    # one class, 2 of 6 withheld, both with the largest losses: the exact p is 1 / C(6, 2) = 1/15;
+    # the Chernoff bound is larger (valid) but within a factor of 10
+    small = membership_test(np.arange(4.0), np.array([10.0, 11.0]), np.zeros(4), np.zeros(2))
+    assert np.log10(1 / 15) <= small["log10_pvalue"] <= np.log10(10 / 15)
+
+
+def test_membership_test_does_not_fire_when_withheld_losses_are_lower():
+    rng = np.random.default_rng(2)
+    g, w = _split(rng)
+    loss = rng.exponential(size=len(g))
+    loss[w] -= 5
+    assert membership_test(loss[~w], loss[w], g[~w], g[w])["log10_pvalue"] == 0.0
+
+
+def test_membership_test_rejects_empty_or_mismatched_input():
+    with pytest.raises(RadioactiveError):
+        membership_test(np.ones(3), np.ones(0), np.zeros(3), np.zeros(0))
+    with pytest.raises(RadioactiveError):
+        membership_test(np.ones(3), np.ones(2), np.zeros(2), np.zeros(2))
+    with pytest.raises(RadioactiveError, match="no class"):
+        membership_test(np.ones(3), np.ones(2), np.zeros(3), np.ones(2))
