@@ -276,10 +276,16 @@ def test_mark_folder_refuses_non_empty_output(uneven_source, key, tmp_path):
     (out / "old.txt").write_text("previous release\n")
     with pytest.raises(RadioactiveError, match="not empty"):
         mark_folder(uneven_source, key, out, files=["airplane/0003.jpg"], config=FAST, progress=False)
+    # --overwrite deletes only files a mark run writes: a foreign file is refused, not deleted or released
+    with pytest.raises(RadioactiveError, match="old.txt"):
+        mark_folder(uneven_source, key, out, files=["airplane/0003.jpg"], config=FAST, overwrite=True, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    (out / "old.txt").unlink()
+    (out / "airplane").mkdir()
+    (out / "airplane" / "0003.png").write_bytes(b"a previous run's file")
     summary = mark_folder(uneven_source, key, out, files=["airplane/0003.jpg"], config=FAST, overwrite=True,
                           progress=False)
-    assert summary.num_marked == 1 and (out / "airplane" / "0003.png").is_file()
+    assert summary.num_marked == 1 and load_rgb(out / "airplane" / "0003.png").shape == (32, 32, 3)
 
 
 def test_mark_folder_refuses_key_with_other_classes(uneven_source, key, tmp_path):

@@ -111,7 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--lambda-ft", type=_nonneg_float, default=MC.lambda_ft,
                    help="weight of the feature drift orthogonal to the carrier")
     m.add_argument("--batch-size", type=_positive_int, default=MC.batch_size, help="images optimised together")
-    m.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
+    g = m.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run into a non-empty output folder: same arguments required; "
+                        "finished images are verified by sha256 and kept, the rest redone; the result is "
+                        "byte-identical to an uninterrupted run (on CPU). On an empty output, a fresh start")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a non-empty output folder: delete the files a previous mark run wrote "
+                        "there (refused if it holds any other file)")
     m.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     m.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
 
@@ -228,8 +235,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             files = [ln.strip() for ln in args.files.read_text().splitlines() if ln.strip()]
         summary = mark_folder(_folder_or_archive(args.source), Key.load(args.key), args.output, args.record,
                               fraction=args.fraction, files=files, seed=args.seed, config=cfg,
-                              overwrite=args.overwrite, progress=sys.stderr.isatty(), device=args.device,
-                              holdout_fraction=args.holdout_fraction, strict=args.strict)
+                              overwrite=args.overwrite, resume=args.resume, progress=sys.stderr.isatty(),
+                              device=args.device, holdout_fraction=args.holdout_fraction, strict=args.strict)
         total = summary.num_marked + summary.num_copied + summary.num_skipped + len(summary.ignored)
         print(f"{total} files: {summary.num_marked} marked, {summary.num_copied} copied"
               f"{f' (incl. {summary.num_holdout} withheld-marked, released vanilla)' if summary.num_holdout else ''}, "

@@ -41,6 +41,7 @@ from .data import ImageFolder, atomic_write_bytes, display_size, encode_png, lis
 from .errors import RadioactiveError
 from .keys import Key
 from .networks import FeatureNetwork, load_marking_network
+from .resume import Journal, journal_path, open_run, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -230,25 +231,77 @@ def output_name(rel: str) -> str:
     return str(Path(rel).with_suffix(".png").as_posix())
 
 
-def check_output_dir(source: Path, output: Path, overwrite: bool) -> None:
+def check_output_dir(source: Path, output: Path) -> None:
+    """Refuse an output folder equal to or inside the source folder (the source is never written to)."""
     src, out = source.resolve(), output.resolve()
     if out == src or src in out.parents:
         raise RadioactiveError(f"output folder {output} is inside the source folder {source}; choose another place")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise RadioactiveError(f"output folder {output} exists and is not empty (pass --overwrite to replace its files)")
+
+
+COPY_CHUNK = 256  # unmarked images written, and journaled, together
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One resumable unit of a folder run: images (indices into the folder) and what is done to them.
+
+    Attributes:
+        kind: ``unreadable`` (copied unchanged), ``mark`` (marked and released), ``holdout`` (marked and
+            kept private), ``copy`` (released unmarked).
+        indices: the images, in folder order.
+    """
+
+    kind: str
+    indices: tuple[int, ...]
+
+
+def plan_units(folder: ImageFolder, chosen: list[int], holdout: list[int], batch_size: int,
+               unreadable: dict[int, str]) -> list[Unit]:
+    """The fixed partition of a run into units, the same in every run on the same inputs.
+
+    Marked images are grouped by displayed size (sizes in order of first appearance) and cut into chunks of
+    ``batch_size`` in folder order: a mark depends on its batch's composition in the last bit (floating point),
+    so a resumed run must redo exactly the batches of an uninterrupted one to write the same bytes. Images
+    whose header cannot be read are added to ``unreadable`` (index -> reason) and form the first unit.
+    """
+    units = []
+    for kind, group in (("mark", chosen), ("holdout", holdout)):
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i in group:
+            try:
+                by_size.setdefault(display_size(folder.path(i)), []).append(i)
+            except RadioactiveError as e:
+                unreadable[i] = str(e)
+        units += [Unit(kind, tuple(idx[s:s + batch_size])) for idx in by_size.values()
+                  for s in range(0, len(idx), batch_size)]
+    if unreadable:
+        units.insert(0, Unit("unreadable", tuple(sorted(unreadable))))
+    marked = set(chosen)
+    rest = [i for i in range(len(folder)) if i not in marked and i not in unreadable]
+    return units + [Unit("copy", tuple(rest[s:s + COPY_CHUNK])) for s in range(0, len(rest), COPY_CHUNK)]
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()
 
 
 def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | Path | None = None,
                 fraction: float | None = None, files: list[str] | None = None, seed: int = 0,
                 config: MarkingConfig = MarkingConfig(), overwrite: bool = False, progress: bool = True,
-                device: str = "cpu", holdout_fraction: float = 0.0, strict: bool = False) -> MarkSummary:
-    """Mark a fraction of an image folder and write a complete released copy.
+                device: str = "cpu", holdout_fraction: float = 0.0, strict: bool = False,
+                resume: bool = False) -> MarkSummary:
+    """Mark a fraction of an image folder and write a complete released copy; resumable.
 
     Every image of the source is written to ``output`` at the same relative
     path with a ``.png`` suffix, losslessly and with the same encoder
     settings and no metadata, marked or not, so that the copy does not tell
     which images carry the mark; unmarked images keep their exact pixels.
     The private record (outside the copy) lists each marked image.
+
+    The run is cut into fixed units (:func:`plan_units`), each journaled beside the record once its files
+    are written (:mod:`radioactive.resume`), so a killed run continues with ``resume=True`` and ends with
+    the same bytes, in the copy and in the record, as an uninterrupted run (on CPU). Files are written
+    atomically; the record is written last, and the journal then removed.
 
     Args:
         source: ImageFolder-style folder whose class names are the key's classes.
@@ -259,7 +312,11 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
         files: explicit relative paths to mark (exclusive with ``fraction``).
         seed: seed of the selection and of the augmentation draws.
         config: optimisation settings.
-        overwrite: allow a non-empty output folder.
+        overwrite: start afresh in a non-empty output folder: delete the files a run of ``mark`` on this
+            source writes there (refused if it holds any other file; see :mod:`radioactive.resume`).
+        resume: continue the interrupted run journaled beside ``record``, which must have had the same
+            arguments and inputs; finished units whose files verify by sha256 are kept, the rest redone.
+            On an empty or missing output folder, a fresh start.
         progress: show a progress bar.
         holdout_fraction: also mark this share of each class's images with the same key but do not
             release them (the released copy holds their vanilla version); their marked versions go to the
@@ -269,8 +326,9 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
         device: torch device of the optimisation (``cpu``, ``cuda``); CPU results are bit-reproducible.
 
     Raises:
-        RadioactiveError: classes differ from the key's, bad fraction or file
-            list, output inside the source or not empty, unreadable images.
+        RadioactiveError: classes differ from the key's, bad fraction or file list, output inside the
+            source, output not empty without ``resume``/``overwrite`` (or with foreign files), both flags,
+            ``resume`` with other arguments or nothing to resume, unreadable images with ``strict``.
     """
     t0 = time.time()
     source, output = Path(source), Path(output)
@@ -280,7 +338,7 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
             f"the classes of {source} ({len(folder.classes)}) differ from the key's ({len(key.classes)}); "
             "make the key with `radioactive keygen --data` on this folder"
         )
-    check_output_dir(source, output, overwrite)
+    check_output_dir(source, output)
     record = Path(record) if record else output.parent / f"{output.name}.record.jsonl"
     if record.resolve().is_relative_to(output.resolve()):
         raise RadioactiveError("the private record must be written outside the released copy")
@@ -301,98 +359,112 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
         chosen = sorted({index[f] for f in files})
     else:
         chosen = select_marked(folder, fraction, seed)
-    net, spec = load_marking_network(key.network)
-    net = net.to(device)
-    if net.feature_dim != key.dim:
-        raise RadioactiveError(f"key dimension {key.dim} differs from the marking network's {net.feature_dim}")
-    marked_set = set(chosen)
-    holdout = select_holdout(folder, holdout_fraction, seed, marked_set) if holdout_fraction else []
+    holdout = select_holdout(folder, holdout_fraction, seed, set(chosen)) if holdout_fraction else []
     holdout_dir = record.parent / f"{record.stem}.holdout"
-    output.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({
+    unreadable: dict[int, str] = {}
+    units = plan_units(folder, chosen, holdout, config.batch_size, unreadable)
+    if strict and unreadable:
+        i = min(unreadable)
+        raise RadioactiveError(f"{folder.files[i]} cannot be used ({unreadable[i]}); --strict turns skips into failures")
+    header = {
         "kind": "radioactive-record", "schema": RECORD_SCHEMA, "package_version": __version__,
         "key_fingerprint": key.fingerprint, "classes": list(key.classes), "source": str(source.resolve()), "output": str(output.resolve()),
         "holdout": str(holdout_dir.resolve()) if holdout else None, "holdout_fraction": holdout_fraction,
         "fraction": fraction, "seed": seed, "config": asdict(config),
-    })]
-    psnrs, linf_max = [], 0
-    bar = tqdm(total=len(chosen) + len(holdout), desc="marking", unit="img", disable=not progress)
-    # a batch holds images of one size
+    }
+    stats = [(f, st.st_size, st.st_mtime_ns) for f, st in ((f, (source / f).stat()) for f in folder.files)]
+    identity = {**header, "record": str(record.resolve()), "device": device, "strict": strict,
+                "marked_files": _digest([folder.files[i] for i in chosen]),
+                "holdout_files": _digest([folder.files[i] for i in holdout]), "source_files": _digest(stats)}
+    bases = {"output": output, "holdout": holdout_dir}
+    journal = Journal(journal_path(record), identity)
+    done = open_run(output, holdout_dir, {output_name(f) for f in folder.files} | set(folder.files), journal,
+                    resume, overwrite, bases)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        net = None
+        if any(u.kind in ("mark", "holdout") for n, u in enumerate(units) if n not in done):
+            net = load_marking_network(key.network)[0].to(device)
+            if net.feature_dim != key.dim:
+                raise RadioactiveError(f"key dimension {key.dim} differs from the marking network's {net.feature_dim}")
 
-    skipped: dict[int, str] = {}
+        def run_unit(n: int, unit: Unit) -> dict:
+            """Do one unit and return its journal line."""
+            out = {"unit": n, "files": [], "entries": [], "psnr": [], "skipped": [], "copied": 0}
 
-    def skip(i: int, err: Exception) -> None:
-        if strict:
-            raise RadioactiveError(f"{folder.files[i]} cannot be used ({err}); --strict turns skips into failures")
-        skipped[i] = str(err)
-        atomic_write_bytes(output / folder.files[i], folder.path(i).read_bytes())  # unchanged, as given
+            def write(base: str, rel: str, data: bytes) -> str:
+                out["files"].append([base, rel, write_atomic(bases[base] / rel, data)])
+                return out["files"][-1][2]
 
-    def flush(idx: list[int], released: bool):
-        nonlocal linf_max
-        imgs, ok = [], []
-        for i in idx:
-            try:
-                imgs.append(load_rgb(folder.path(i)))
-                ok.append(i)
-            except RadioactiveError as e:
-                skip(i, e)
-        idx = ok
-        if not idx:
-            return
-        batch = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
-        labels = [folder.labels[i] for i in idx]
-        gens = [image_generator(seed, folder.files[i]) for i in idx]
-        marked = mark_batch(net, batch, key.carriers[labels], config, gens).permute(0, 2, 3, 1).numpy()
-        for i, vanilla, m, k in zip(idx, imgs, marked, labels):
-            out_rel = output_name(folder.files[i])
-            data = encode_png(m)
-            atomic_write_bytes((output if released else holdout_dir) / out_rel, data)
-            p = psnr_db(vanilla, m)
-            linf = int(np.abs(vanilla.astype(np.int16) - m.astype(np.int16)).max())
-            linf_max = max(linf_max, linf)
-            psnrs.append(p)
-            lines.append(json.dumps({
-                "source": folder.files[i], "output": out_rel, "class": folder.classes[k], "carrier_index": k,
-                "psnr_db": None if math.isinf(p) else round(p, 4), "linf": linf,
-                "sha256": hashlib.sha256(data).hexdigest(), "released": released,
-            }))
-        bar.update(len(idx))
-        bar.set_postfix(psnr=f"{np.mean(psnrs):.1f}dB")
+            def skip(i: int, reason: str) -> None:
+                if strict:
+                    raise RadioactiveError(f"{folder.files[i]} cannot be used ({reason}); --strict turns skips into failures")
+                out["skipped"].append([folder.files[i], reason])
+                write("output", folder.files[i], folder.path(i).read_bytes())  # unchanged, as given
 
-    for group, released in ((chosen, True), (holdout, False)):
-        pending = {}
-        for i in group:
-            try:
-                size = display_size(folder.path(i))
-            except RadioactiveError as e:
-                skip(i, e)
-                continue
-            pending.setdefault(size, []).append(i)
-            if len(pending[size]) == config.batch_size:
-                flush(pending.pop(size), released)
-        for idx in pending.values():
-            flush(idx, released)
-    bar.close()
-    copied = 0
-    for i in tqdm(range(len(folder)), desc="copying", unit="img", disable=not progress):
-        if i in marked_set or i in skipped:
-            continue
-        try:
-            pixels = load_rgb(folder.path(i))
-        except RadioactiveError as e:
-            skip(i, e)
-            continue
-        atomic_write_bytes(output / output_name(folder.files[i]), encode_png(pixels))
-        copied += 1
-    atomic_write_bytes(record, ("\n".join(lines) + "\n").encode())
-    finite = [p for p in psnrs if math.isfinite(p)]
+            imgs, idx = [], []
+            for i in unit.indices:
+                if unit.kind == "unreadable":
+                    skip(i, unreadable[i])
+                    continue
+                try:
+                    pixels = load_rgb(folder.path(i))
+                except RadioactiveError as e:
+                    skip(i, str(e))
+                    continue
+                if unit.kind == "copy":
+                    write("output", output_name(folder.files[i]), encode_png(pixels))
+                    out["copied"] += 1
+                else:
+                    imgs.append(pixels)
+                    idx.append(i)
+            if not idx:
+                return out
+            batch = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+            labels = [folder.labels[i] for i in idx]
+            gens = [image_generator(seed, folder.files[i]) for i in idx]
+            marked = mark_batch(net, batch, key.carriers[labels], config, gens).permute(0, 2, 3, 1).numpy()
+            released = unit.kind == "mark"
+            for i, vanilla, m, k in zip(idx, imgs, marked, labels):
+                out_rel = output_name(folder.files[i])
+                sha = write("output" if released else "holdout", out_rel, encode_png(m))
+                p = psnr_db(vanilla, m)
+                out["psnr"].append(None if math.isinf(p) else p)
+                out["entries"].append({
+                    "source": folder.files[i], "output": out_rel, "class": folder.classes[k], "carrier_index": k,
+                    "psnr_db": None if math.isinf(p) else round(p, 4),
+                    "linf": int(np.abs(vanilla.astype(np.int16) - m.astype(np.int16)).max()),
+                    "sha256": sha, "released": released,
+                })
+            return out
+
+        results = []
+        with tqdm(total=sum(len(u.indices) for u in units), desc="marking", unit="img", disable=not progress) as bar:
+            for n, unit in enumerate(units):
+                if n not in done:
+                    done[n] = run_unit(n, unit)
+                    journal.append(done[n])
+                results.append(done[n])
+                bar.update(len(unit.indices))
+                if done[n]["entries"]:
+                    bar.set_postfix(psnr=f"{np.mean([p for r in results for p in r['psnr'] if p is not None]):.1f}dB")
+        entries = [e for r in results for e in r["entries"]]
+        atomic_write_bytes(record, ("\n".join(json.dumps(x) for x in [header] + entries) + "\n").encode())
+    finally:
+        journal.close(remove=False)
+    journal.close(remove=True)
+    skipped: dict[str, str] = {}
+    for r in results:
+        for f, why in r["skipped"]:
+            skipped.setdefault(f, why)
+    finite = [p for r in results for p in r["psnr"] if p is not None]
+    num_marked = sum(e["released"] for e in entries)
     return MarkSummary(
-        output=str(output), record=str(record), num_images=len(folder),
-        num_marked=len(chosen) - sum(1 for i in chosen if i in skipped), num_copied=copied,
-        num_holdout=len(holdout) - sum(1 for i in holdout if i in skipped),
-        num_skipped=len(skipped), skipped=[{"file": folder.files[i], "reason": r} for i, r in sorted(skipped.items())],
+        output=str(output), record=str(record), num_images=len(folder), num_marked=num_marked,
+        num_copied=sum(r["copied"] for r in results), num_holdout=len(entries) - num_marked,
+        num_skipped=len(skipped), skipped=[{"file": f, "reason": r} for f, r in sorted(skipped.items())],
         ignored=list(folder.ignored),
         psnr_db_mean=float(np.mean(finite)) if finite else None,
         psnr_db_p5=float(np.percentile(finite, 5)) if finite else None,
-        linf_max=linf_max, seconds=time.time() - t0,
+        linf_max=max((e["linf"] for e in entries), default=0), seconds=time.time() - t0,
     )

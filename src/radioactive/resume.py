@@ -1,0 +1,231 @@
+"""Safe, resumable writing of a released copy: what ``mark`` may touch, atomic writes, the run journal.
+
+Output folder rules (``radioactive mark --output``):
+
+* A missing or empty folder is written into.
+* A non-empty folder is refused, unless ``--resume`` or ``--overwrite`` is given (not both).
+* With either flag, every file in it must be one a run of ``mark`` on this source writes: ``<rel>.png``
+  for a source image ``<rel>`` (marked or copied), ``<rel>`` itself (an unreadable image copied unchanged),
+  or a leftover temporary file of an atomic write (``.radioactive-*.partial``, ``.tmp-*``). Anything else
+  (another file, a symlink) is refused and named: it would be released with the copy, and deleting it
+  could lose data. Nothing outside the output folder is ever deleted, except the run's own journal.
+* ``--overwrite`` starts afresh: it deletes those files of ours, then runs as if the folder were empty.
+* ``--resume`` continues the interrupted run that the journal describes. Its identity (key fingerprint,
+  classes, source, output, record, seed, fraction, marked and holdout files, marking config, device,
+  package version, every source file's name, size and mtime) must equal this run's, else it is refused
+  with the names of the differing fields. Finished units whose every file exists with the journaled
+  sha256 are kept; the rest are redone whole. Leftover temporary files are deleted.
+
+Journal (``<record>.partial``, beside the private record, never inside the released copy): JSON lines,
+the first ``{"kind": "radioactive-mark-journal", "schema", "identity"}``, then one line per finished
+unit of work (a batch of marked images or a chunk of copies), appended, flushed and fsynced after the
+unit's files were written: ``{"unit", "files": [[base, rel, sha256], ...], ...}`` with whatever the
+record and the summary need. The journal is removed once the record is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .data import atomic_write_bytes, sha256_file
+from .errors import RadioactiveError
+
+JOURNAL_KIND = "radioactive-mark-journal"
+JOURNAL_SCHEMA = 1
+TEMP_PREFIX, TEMP_SUFFIX = ".radioactive-", ".partial"
+
+
+def journal_path(record: Path) -> Path:
+    """The journal of the run that writes ``record``: ``<record>.partial`` beside it."""
+    return record.with_name(record.name + TEMP_SUFFIX)
+
+
+def write_atomic(path: Path, data: bytes) -> str:
+    """Write ``data`` to ``path`` through a hidden temporary file and a rename; return its sha256 (hex).
+
+    The temporary name (``.radioactive-XXXX.partial``) is hidden and has no image extension, so a run
+    killed mid-write leaves nothing that an image loader would pick up; ``mark`` deletes it on resume.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files: the released copy is for others to read
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return hashlib.sha256(data).hexdigest()
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is a temporary file of an atomic write (ours, or :func:`data.atomic_write_bytes`')."""
+    return (name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)) or name.startswith(".tmp-")
+
+
+@dataclass
+class FolderContents:
+    """The files under a folder, sorted by who wrote them (paths are absolute, sorted)."""
+
+    ours: list[Path] = field(default_factory=list)
+    temporary: list[Path] = field(default_factory=list)
+    foreign: list[Path] = field(default_factory=list)
+
+
+def scan_folder(folder: Path, ours: set[str]) -> FolderContents:
+    """Sort every entry under ``folder`` (symlinks not followed): relative POSIX paths in ``ours``,
+    temporary files, and the rest (foreign files, symlinks, other non-regular entries)."""
+    out = FolderContents()
+    if not folder.is_dir():
+        return out
+    stack = [folder]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for e in it:
+                p = Path(e.path)
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(p)
+                elif not e.is_file(follow_symlinks=False):
+                    out.foreign.append(p)
+                elif is_temporary(e.name):
+                    out.temporary.append(p)
+                else:
+                    (out.ours if p.relative_to(folder).as_posix() in ours else out.foreign).append(p)
+    for paths in (out.ours, out.temporary, out.foreign):
+        paths.sort()
+    return out
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+class Journal:
+    """The append-only journal of one run (see the module docstring)."""
+
+    def __init__(self, path: Path, identity: dict):
+        self.path, self.identity = path, json.loads(json.dumps(identity))  # compared as read back from JSON
+        self._f = None
+
+    def _header(self) -> str:
+        return json.dumps({"kind": JOURNAL_KIND, "schema": JOURNAL_SCHEMA, "identity": self.identity})
+
+    def is_journal(self) -> bool:
+        """Whether the file at ``path`` starts with a journal header (of any run)."""
+        try:
+            with open(self.path) as f:
+                head = json.loads(f.readline())
+            return head.get("kind") == JOURNAL_KIND and head.get("schema") == JOURNAL_SCHEMA
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def read(self) -> dict[int, dict]:
+        """The finished units of the interrupted run, by unit number (a torn last line is dropped).
+
+        Raises:
+            RadioactiveError: the file is not a journal, or its run's identity differs from this one's.
+        """
+        if not self.is_journal():
+            raise RadioactiveError(f"{self.path} is not a journal of `radioactive mark`; move it away or pass --overwrite")
+        lines = self.path.read_text().splitlines()
+        old, new = _flat(json.loads(lines[0])["identity"]), _flat(self.identity)
+        diffs = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if diffs:
+            raise RadioactiveError(
+                f"cannot resume: the interrupted run ({self.path}) used other arguments or inputs "
+                f"({', '.join(diffs)}); re-run it with its own arguments, or pass --overwrite to start afresh"
+            )
+        units = {}
+        for ln in lines[1:]:
+            try:
+                u = json.loads(ln)
+            except ValueError:  # torn by a kill mid-append: that unit is redone
+                break
+            units[u["unit"]] = u
+        return units
+
+    def start(self, kept: list[dict]) -> None:
+        """Write the header and the ``kept`` units atomically (replacing any older journal), then open for appends."""
+        text = "\n".join([self._header()] + [json.dumps(u) for u in kept]) + "\n"
+        atomic_write_bytes(self.path, text.encode())
+        self._f = open(self.path, "a")  # noqa: SIM115 (kept open for the run's appends; closed by close())
+
+    def append(self, unit: dict) -> None:
+        """Record a finished unit: one line, flushed and fsynced."""
+        self._f.write(json.dumps(unit) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self, remove: bool) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        if remove:
+            self.path.unlink(missing_ok=True)
+
+
+def verified(unit: dict, bases: dict[str, Path]) -> bool:
+    """Whether every file a journaled unit wrote exists with its journaled sha256."""
+    return all((bases[b] / rel).is_file() and sha256_file(bases[b] / rel) == sha for b, rel, sha in unit["files"])
+
+
+def open_run(output: Path, private: Path, ours: set[str], journal: Journal, resume: bool, overwrite: bool,
+             bases: dict[str, Path]) -> dict[int, dict]:
+    """Apply the output folder rules (module docstring) and start the journal.
+
+    Args:
+        output: the released copy's folder.
+        private: the private folder of marked holdout images (only its temporary files are touched).
+        ours: relative POSIX paths a run on this source may write into ``output``.
+        journal: this run's journal (its identity set, not started).
+        resume, overwrite: the flags.
+        bases: folder of each ``base`` name used in the journal's file lists.
+
+    Returns:
+        The interrupted run's finished and verified units, by number (empty for a fresh start).
+
+    Raises:
+        RadioactiveError: both flags; a non-empty output without either; foreign files with either;
+            ``--resume`` with nothing to resume or with other arguments.
+    """
+    if resume and overwrite:
+        raise RadioactiveError("--resume and --overwrite exclude each other: resume continues a run, overwrite restarts it")
+    if output.exists() and not output.is_dir():
+        raise RadioactiveError(f"output {output} exists and is not a folder")
+    non_empty = output.is_dir() and any(output.iterdir())
+    if non_empty and not (resume or overwrite):
+        raise RadioactiveError(f"output folder {output} exists and is not empty; pass --resume to continue an "
+                               "interrupted run with the same arguments, or --overwrite to start afresh")
+    contents = scan_folder(output, ours)
+    if non_empty and contents.foreign:
+        f = contents.foreign
+        raise RadioactiveError(f"output folder {output} holds {len(f)} entries that `radioactive mark` does not write "
+                               f"(e.g. {f[0].relative_to(output)}); move them away or choose another output folder")
+    units: dict[int, dict] = {}
+    if resume and journal.path.exists():
+        units = {n: u for n, u in journal.read().items() if verified(u, bases)}
+    elif resume and non_empty:
+        raise RadioactiveError(f"nothing to resume in {output}: no journal {journal.path} (the run finished, or was "
+                               "started by another command); pass --overwrite to start afresh")
+    elif journal.path.exists() and not journal.is_journal():
+        raise RadioactiveError(f"{journal.path} exists and is not a journal of `radioactive mark`; move it away")
+    for p in contents.temporary + scan_folder(private, set()).temporary:
+        p.unlink()
+    if overwrite:
+        for p in contents.ours:
+            p.unlink()
+    journal.start([units[n] for n in sorted(units)])
+    return units
