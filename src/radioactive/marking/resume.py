@@ -8,8 +8,11 @@ Output folder rules (``radioactive mark --output``):
   for a source image ``<rel>`` (marked or copied), ``<rel>`` itself (an unreadable image copied unchanged),
   or a leftover temporary file of an atomic write (``.radioactive-*.partial``, ``.tmp-*``). Anything else
   (another file, a symlink) is refused and named: it would be released with the copy, and deleting it
-  could lose data. Nothing outside the output folder is ever deleted, except the run's own journal.
+  could lose data. Nothing outside the output folder is ever deleted, except the run's own journal and
+  leftover temporary files in the private holdout folder.
 * ``--overwrite`` starts afresh: it deletes those files of ours, then runs as if the folder were empty.
+  The private holdout folder (outside the output) is not emptied: the new run replaces the files it
+  writes there, and only those its record lists belong to it.
 * ``--resume`` continues the interrupted run that the journal describes. Its identity (key fingerprint,
   classes, source, output, record, seed, fraction, marked and holdout files, marking config, device,
   package version, every source file's name, size and mtime) must equal this run's, else it is refused
@@ -28,12 +31,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import atomic_write_bytes, sha256_file
-from .errors import RadioactiveError
+from ..data import atomic_write_bytes, sha256_file
+from ..errors import RadioactiveError
 
 JOURNAL_KIND = "radioactive-mark-journal"
 JOURNAL_SCHEMA = 1
@@ -46,30 +48,22 @@ def journal_path(record: Path) -> Path:
 
 
 def write_atomic(path: Path, data: bytes) -> str:
-    """Write ``data`` to ``path`` through a hidden temporary file and a rename; return its sha256 (hex).
+    """Write ``data`` to ``path`` atomically; return its sha256 (hex).
 
-    The temporary name (``.radioactive-XXXX.partial``) is hidden and has no image extension, so a run
-    killed mid-write leaves nothing that an image loader would pick up; ``mark`` deletes it on resume.
+    The bytes go through :func:`radioactive.data.atomic_write_bytes` (fsynced, usual permissions, clear errors
+    on a full disk or a denied write) to a hidden staging name without an image extension
+    (``.radioactive-<name>.partial``), then are renamed into place: a run killed at any point leaves no file
+    that an image loader (torchvision's ``ImageFolder`` reads hidden files too) would take for an image.
+    ``mark`` deletes such leftovers on ``--resume`` and ``--overwrite``.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files: the released copy is for others to read
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    staged = path.with_name(f"{TEMP_PREFIX}{path.name}{TEMP_SUFFIX}")
+    atomic_write_bytes(staged, data)
+    os.replace(staged, path)
     return hashlib.sha256(data).hexdigest()
 
 
 def is_temporary(name: str) -> bool:
-    """Whether a file name is a temporary file of an atomic write (ours, or :func:`data.atomic_write_bytes`')."""
+    """Whether a file name is a temporary file of an atomic write (ours, or :func:`radioactive.data.atomic_write_bytes`')."""
     return (name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)) or name.startswith(".tmp-")
 
 

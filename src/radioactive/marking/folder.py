@@ -1,31 +1,13 @@
-"""Marking: optimise images so that their features move along their class carrier.
+"""Folder marking: choose the marked images, mark them in fixed batches, write the released copy and the record.
 
-Objective per image x of class k (Sablayrolles et al. 2020, Section 3.2,
-with the feature penalty re-formulated, see below)::
-
-    minimise  - phi(t(x~))^T u_k
-              + lambda_img * || x~ - x ||^2
-              + lambda_ft  * || P_perp( phi(t(x~)) - phi(t(x)) ) ||^2
-
-* t: random resized crop + horizontal flip, re-drawn at every step; the same
-  draw is applied to the marked and the vanilla image.
-* ||x~ - x||^2 is summed over the pixels in [0, 1] and scaled by 1024 / (H W)
-  (the sum for a 32 x 32 image), so that lambda_img means the same at any size.
-* P_perp projects onto the orthogonal complement of u_k: the feature penalty
-  keeps the image's features where they were in every direction except the
-  carrier's. The paper's form (unsquared distance to the centre view of the
-  vanilla image, including the carrier direction) fights both the mark and
-  the augmentation (../shared/PAPER.md, "Measured on this machine").
-* Constraints after every step: |x~ - x| <= linf / 255 and x~ in [0, 1];
-  x~ is rounded to 8-bit levels every ``round_every`` steps and at the end
-  (rounding, never truncation), so the saved image satisfies the bound.
+A run is cut into fixed units (:func:`plan_units`) that are journaled as they finish
+(:mod:`radioactive.marking.resume`), so a killed run resumes to the same bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,126 +17,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .augment import AUGMENTATIONS, PadCropFlip, ResizedCropFlip
-from .data import ImageFolder, atomic_write_bytes, display_size, encode_png, list_image_folder, load_rgb
-from .errors import RadioactiveError
-from .keys import Key
-from .networks import FeatureNetwork, load_marking_network
+from .. import __version__
+from ..data import ImageFolder, atomic_write_bytes, display_size, encode_png, list_image_folder, load_rgb
+from ..errors import RadioactiveError
+from ..keys import Key
+from ..networks import load_marking_network
+from .optimise import MarkingConfig, image_generator, mark_batch, psnr_db
 from .resume import Journal, journal_path, open_run, write_atomic
 
-log = logging.getLogger(__name__)
-
 RECORD_SCHEMA = 1
-
-
-@dataclass(frozen=True)
-class MarkingConfig:
-    """Settings of the marking optimisation (the defaults are the project's measured choice).
-
-    Attributes:
-        steps: optimisation steps per image.
-        lr: Adam learning rate on the pixel perturbation, in [0, 1] pixel units.
-        linf: L-infinity radius in 8-bit levels (1..255).
-        lambda_img: weight of the squared pixel distance (summed over pixels in [0, 1], scaled to a
-            32 x 32 image: multiplied by 1024 / (H W), so one value gives a similar PSNR at any size).
-        lambda_ft: weight of the squared feature drift orthogonal to the carrier.
-        round_every: round to 8-bit levels every this many steps (and at the end).
-        batch_size: images optimised together (results do not depend on it).
-        crop_scale: area range of the random resized crop.
-        augmentation: ``resized_crop`` (random resized crop + flip, with ``crop_scale``) or ``pad_crop``
-            (zero-pad 4 px, random 32 px crop + flip: the usual CIFAR trainer's augmentation).
-        views: augmented views per step whose objectives are averaged (expectation over transformations).
-    """
-
-    steps: int = 50
-    lr: float = 0.5 / 255
-    linf: int = 10
-    lambda_img: float = 10.0
-    lambda_ft: float = 0.0
-    round_every: int = 10
-    batch_size: int = 125
-    crop_scale: tuple[float, float] = (0.5, 1.0)
-    augmentation: str = "resized_crop"
-    views: int = 1
-
-    def __post_init__(self):
-        if self.augmentation not in AUGMENTATIONS:
-            raise RadioactiveError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}, got {self.augmentation!r}")
-        if self.views < 1:
-            raise RadioactiveError(f"views must be >= 1, got {self.views}")
-        if not 1 <= self.linf <= 255:
-            raise RadioactiveError(f"linf must be in 1..255 (8-bit levels), got {self.linf}")
-        if self.steps < 0 or self.batch_size < 1 or self.round_every < 1:
-            raise RadioactiveError("steps must be >= 0, batch_size and round_every >= 1")
-        if self.lr <= 0 or self.lambda_img < 0 or self.lambda_ft < 0:
-            raise RadioactiveError("lr must be > 0 and the penalty weights >= 0")
-
-
-def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB between two uint8 images on the 0-255 scale; inf when identical."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
-
-def image_generator(seed: int, name: str) -> torch.Generator:
-    """The generator of one image's augmentation draws, from the run seed and its relative path."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-
-
-def mark_batch(net: FeatureNetwork, images: torch.Tensor, carriers: torch.Tensor, config: MarkingConfig,
-               generators: list[torch.Generator]) -> torch.Tensor:
-    """Mark a batch of same-size images.
-
-    Args:
-        net: frozen marking network (eval mode).
-        images: (B, 3, H, W) uint8 RGB vanilla images.
-        carriers: (B, D) float32 unit carrier of each image's class.
-        config: marking settings.
-        generators: one per image, for its augmentation draws.
-
-    Returns:
-        (B, 3, H, W) uint8 marked images with |marked - vanilla| <= config.linf.
-    """
-    if net.training:
-        raise RadioactiveError("the marking network must be in eval mode")
-    dev = next(net.parameters()).device
-    x = images.to(dev, torch.float32) / 255.0
-    eps = config.linf / 255.0
-    lo = torch.clamp(x - eps, min=0.0)
-    hi = torch.clamp(x + eps, max=1.0)
-    aug = ResizedCropFlip(scale=config.crop_scale) if config.augmentation == "resized_crop" else PadCropFlip()
-    pixel_scale = 1024.0 / (x.shape[-2] * x.shape[-1])  # the penalty is per 32 x 32 image: same PSNR trade-off at any size
-    delta = torch.zeros_like(x, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=config.lr)
-    u = carriers.to(dev, torch.float32)
-    for step in range(config.steps):
-        xm = x + delta
-        loss = config.lambda_img * (delta**2).flatten(1).sum(1) * pixel_scale
-        for _ in range(config.views):
-            params = aug.draw(generators)
-            f = net.features(aug.apply(xm, params))
-            loss = loss - (f * u).sum(1) / config.views
-            if config.lambda_ft > 0:
-                with torch.no_grad():
-                    f0 = net.features(aug.apply(x, params))
-                d = f - f0
-                d_perp = d - (d * u).sum(1, keepdim=True) * u
-                loss = loss + config.lambda_ft * (d_perp**2).sum(1) / config.views
-        opt.zero_grad(set_to_none=True)
-        loss.sum().backward()
-        opt.step()
-        with torch.no_grad():
-            xm = torch.maximum(torch.minimum(x + delta, hi), lo)
-            if (step + 1) % config.round_every == 0:
-                xm = torch.round(xm * 255) / 255
-            delta.copy_(xm - x)
-    with torch.no_grad():
-        out = torch.round((x + delta).clamp(0, 1) * 255)
-        ref = images.to(dev, torch.float32)
-        out = torch.maximum(torch.minimum(out, ref + config.linf), ref - config.linf)
-    return out.to(torch.uint8).cpu()
 
 
 @dataclass
@@ -287,7 +158,7 @@ def _digest(obj) -> str:
 
 def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | Path | None = None,
                 fraction: float | None = None, files: list[str] | None = None, seed: int = 0,
-                config: MarkingConfig = MarkingConfig(), overwrite: bool = False, progress: bool = True,
+                config: MarkingConfig = MarkingConfig(), overwrite: bool = False, progress: bool = True,  # noqa: B008
                 device: str = "cpu", holdout_fraction: float = 0.0, strict: bool = False,
                 resume: bool = False) -> MarkSummary:
     """Mark a fraction of an image folder and write a complete released copy; resumable.

@@ -1,0 +1,21 @@
+"""Marking: the per-image optimisation (:mod:`.optimise`), folder marking (:mod:`.folder`) and its safe,
+resumable writing (:mod:`.resume`)."""
+
+from .folder import (
+    COPY_CHUNK,
+    RECORD_SCHEMA,
+    MarkSummary,
+    Unit,
+    check_output_dir,
+    mark_folder,
+    output_name,
+    plan_units,
+    select_holdout,
+    select_marked,
+)
+from .optimise import MarkingConfig, image_generator, mark_batch, psnr_db
+
+__all__ = [
+    "COPY_CHUNK", "RECORD_SCHEMA", "MarkSummary", "MarkingConfig", "Unit", "check_output_dir", "image_generator",
+    "mark_batch", "mark_folder", "output_name", "plan_units", "psnr_db", "select_holdout", "select_marked",
+]
