@@ -2,32 +2,43 @@
 
 Layout convention (torchvision ``ImageFolder``): ``root/<class>/.../<image>``;
 the class index of a folder is its position among the sorted class folder
-names. Images are read as RGB ``uint8`` arrays; every image a command reads
-goes through :func:`load_rgb`.
+names. Every image a command reads goes through :func:`read_image` (or
+:func:`load_rgb`, its pixels): 8-bit RGB as displayed, by the policy written
+in docs/images.md; every file a command writes goes through
+:func:`atomic_write_bytes`.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
 import io
 import logging
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, UnidentifiedImageError
 
 from .errors import RadioactiveError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", ".dib", ".webp", ".tif", ".tiff", ".gif")
 CIFAR10_ARCHIVE = "cifar10-jpeg.tar.gz"
 DATA_ENV = "RADIOACTIVE_DATA"
+MAX_PIXELS = 89_478_485
+"""Largest image read, in pixels (Pillow's default ``Image.MAX_IMAGE_PIXELS``, about 9459 x 9459):
+0.27 GB as 8-bit RGB. Larger images are refused from their header, before any pixel is decoded."""
+ALPHA_BACKGROUND = (255, 255, 255)
+"""8-bit RGB colour that transparent pixels are composited on (white)."""
 
 
 @dataclass(frozen=True)
@@ -39,8 +50,10 @@ class ImageFolder:
         classes: class names in index order (sorted folder names).
         files: (N,) paths relative to ``root``, sorted, as POSIX strings.
         labels: (N,) class index of each file.
-        ignored: relative paths of files that are not images (hidden files,
-            other extensions); listed, never read.
+        ignored: relative paths of entries that are not read (hidden files,
+            other extensions, files outside the class folders, links not
+            followed), sorted; listed, never read.
+        ignored_reasons: why each entry of ``ignored`` is ignored, in the same order.
     """
 
     root: Path
@@ -48,6 +61,7 @@ class ImageFolder:
     files: tuple[str, ...]
     labels: tuple[int, ...]
     ignored: tuple[str, ...] = ()
+    ignored_reasons: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -56,12 +70,92 @@ class ImageFolder:
         return self.root / self.files[i]
 
 
+class _Lister:
+    """Walks the class folders of one listing; see :func:`list_image_folder` for the rules."""
+
+    def __init__(self, root: Path):
+        self.root, self.root_real = root, root.resolve()
+        self.files: list[str] = []
+        self.labels: list[int] = []
+        self.ignored: list[tuple[str, str]] = []
+        self.walked: set[Path] = set()
+
+    def rel(self, p: str | Path) -> str:
+        return Path(p).relative_to(self.root).as_posix()
+
+    def ignore_tree(self, path: Path, reason: str) -> None:
+        """List ``path`` (a file, a link, or every file and link under a folder) as ignored; links are not followed."""
+        if path.is_symlink() or not path.is_dir():
+            self.ignored.append((self.rel(path), reason))
+            return
+        for dirpath, dirnames, filenames in os.walk(path, onerror=lambda e: self.ignored.append(
+                (self.rel(e.filename), f"{reason}; cannot list this folder ({e.strerror})"))):
+            links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+            for name in filenames + links:
+                self.ignored.append((self.rel(os.path.join(dirpath, name)), reason))
+
+    def walk(self, folder: Path, label: int) -> None:
+        """List the images under ``folder`` (at any depth) as class ``label``."""
+        self.walked.add(folder.resolve())
+        prefix = self.rel(folder) + "/"
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            self.ignored.append((prefix, f"cannot list this folder ({e.strerror})"))
+            return
+        for e in entries:
+            rel = prefix + e.name
+            if e.name.startswith("."):
+                self.ignore_tree(Path(e.path), "hidden")
+                continue
+            link = e.is_symlink()
+            if link:
+                try:
+                    mode = os.stat(e.path).st_mode  # the target's
+                except (OSError, RuntimeError):  # RuntimeError: a link loop before Python 3.13
+                    self.ignored.append((rel, "broken symbolic link"))
+                    continue
+                is_dir, is_file = stat.S_ISDIR(mode), stat.S_ISREG(mode)
+            else:  # from the folder listing, no system call
+                is_dir, is_file = e.is_dir(follow_symlinks=False), e.is_file(follow_symlinks=False)
+            if is_dir:
+                real = Path(e.path).resolve()
+                if link and real.is_relative_to(self.root_real):
+                    why = "link to a folder inside the image folder, not followed (its files are listed where they are)"
+                    self.ignored.append((rel, why))
+                elif real in self.walked:
+                    self.ignored.append((rel, "link to a folder already listed (a loop), not followed"))
+                else:
+                    self.walk(Path(e.path), label)
+            elif not is_file:
+                self.ignored.append((rel, "not a regular file"))
+            elif not e.name.lower().endswith(IMAGE_EXTENSIONS):
+                self.ignored.append((rel, "not an image extension"))
+            else:
+                self.files.append(rel)
+                self.labels.append(label)
+
+
 def list_image_folder(root: str | os.PathLike, classes: tuple[str, ...] | None = None) -> ImageFolder:
-    """List an ImageFolder-style directory.
+    """List an ImageFolder-style directory, accounting for every entry.
+
+    Rules (docs/images.md):
+
+    - classes are the non-hidden sub-folders of ``root`` (links to folders
+      count), sorted by name;
+    - every file under a class folder, at any depth, belongs to that class;
+    - an image is a regular file (links to files are followed) whose name is
+      not hidden and ends with one of :data:`IMAGE_EXTENSIONS`, in any case;
+      its content, not its extension, decides how it is decoded;
+    - a link to a folder outside ``root`` is followed, each real folder once
+      (no loops); a link to a folder inside ``root`` is not followed, since
+      that folder's files are listed where they are;
+    - everything else is listed in ``ignored`` with a reason and never read:
+      hidden files and every file of hidden folders, other extensions, files
+      directly in ``root``, broken links, links not followed, special files.
 
     Args:
-        root: folder with one sub-folder per class (nested folders inside a
-            class folder are allowed).
+        root: folder with one sub-folder per class.
         classes: expected class names in order; when given, the folder's class
             names must match them exactly.
 
@@ -72,84 +166,219 @@ def list_image_folder(root: str | os.PathLike, classes: tuple[str, ...] | None =
     root = Path(root)
     if not root.is_dir():
         raise RadioactiveError(f"image folder not found: {root} (expected a folder with one sub-folder per class)")
-    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    entries = sorted(root.iterdir(), key=lambda p: p.name)
+    found = [p.name for p in entries if not p.name.startswith(".") and p.is_dir()]
     if not found:
         raise RadioactiveError(f"{root} has no class sub-folders (expected the ImageFolder layout root/<class>/<image>)")
     if classes is not None and tuple(found) != tuple(classes):
         raise RadioactiveError(
             f"classes of {root} differ from the expected ones: found {found[:5]}..., expected {list(classes)[:5]}..."
         )
-    files, labels, ignored = [], [], []
+    lister = _Lister(root)
+    for p in entries:
+        if p.name not in found:
+            lister.ignore_tree(p, "hidden" if p.name.startswith(".") else "not inside a class folder")
     for k, name in enumerate(found):
-        n_before = len(files)
-        seen: set[Path] = set()
-        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
-            real = Path(dirpath).resolve()
-            if real in seen:  # symlink loop: follow each real folder once
-                dirnames[:] = []
-                continue
-            seen.add(real)
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for fn in sorted(filenames):
-                rel = (Path(dirpath) / fn).relative_to(root).as_posix()
-                if fn.startswith(".") or not fn.lower().endswith(IMAGE_EXTENSIONS):
-                    ignored.append(rel)
-                else:
-                    files.append(rel)
-                    labels.append(k)
-        if len(files) == n_before:
+        n_before = len(lister.files)
+        lister.walk(root / name, k)
+        if len(lister.files) == n_before:
             raise RadioactiveError(f"class folder {root / name} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
-    order = np.argsort(np.array(files, dtype=object), kind="stable")
+    order = sorted(range(len(lister.files)), key=lister.files.__getitem__)
+    ignored = sorted(lister.ignored)
     return ImageFolder(
         root=root,
         classes=tuple(found),
-        files=tuple(files[i] for i in order),
-        labels=tuple(labels[i] for i in order),
-        ignored=tuple(ignored),
+        files=tuple(lister.files[i] for i in order),
+        labels=tuple(lister.labels[i] for i in order),
+        ignored=tuple(r for r, _ in ignored),
+        ignored_reasons=tuple(why for _, why in ignored),
     )
 
 
-def load_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Read an image as it is displayed, as RGB.
+# ----------------------------------------------------------------------------- reading images
 
-    EXIF orientation is applied; palette, greyscale and CMYK images are
-    converted to RGB; an alpha channel is composited on white; 16-bit images
-    are scaled to 8 bits by Pillow's conversion.
+_GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N")
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An image read by :func:`read_image`.
+
+    Attributes:
+        pixels: (H, W, 3) uint8 RGB as displayed (EXIF orientation applied).
+        icc_profile: the file's ICC profile when it describes RGB and the
+            pixels are in its colour space (kept, to embed in the output);
+            None when the pixels are sRGB (untagged, or converted to sRGB).
+        mode: the Pillow mode of the file (``"RGB"``, ``"CMYK"``, ``"I;16"``...).
+    """
+
+    pixels: np.ndarray
+    icc_profile: bytes | None
+    mode: str
+
+
+def _open(path: str | os.PathLike, max_pixels: int) -> Image.Image:
+    """Open an image and check its size from the header; nothing is decoded yet."""
+    try:
+        if os.stat(path).st_size == 0:
+            raise RadioactiveError(f"cannot read image {path}: empty file (0 bytes)")
+        with warnings.catch_warnings():  # our own size limit below replaces Pillow's DecompressionBombWarning;
+            warnings.simplefilter("ignore")  # its other warnings are about damaged metadata, handled here
+            im = Image.open(path)
+    except RadioactiveError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise RadioactiveError(f"cannot read image {path}: over Pillow's size limit, refused unread ({e})") from e
+    except UnidentifiedImageError as e:
+        raise RadioactiveError(f"cannot read image {path}: not an image format Pillow reads (unknown or damaged header)") from e
+    except OSError as e:
+        raise RadioactiveError(f"cannot read image {path}: {e.strerror or e}") from e
+    except Exception as e:  # a damaged header can raise anything from a decoder plugin
+        raise RadioactiveError(f"cannot read image {path}: damaged header ({type(e).__name__}: {e})") from e
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close()
+        raise RadioactiveError(
+            f"cannot read image {path}: {w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} "
+            "(a decompression bomb, or an image too large to hold in memory); refused unread"
+        )
+    return im
+
+
+def _orientation(im: Image.Image) -> int:
+    """EXIF orientation (1-8) of an open image; 1 when absent, unknown or unreadable."""
+    try:
+        with warnings.catch_warnings():  # "Corrupt EXIF data": handled here
+            warnings.simplefilter("ignore")
+            o = im.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 -- damaged EXIF of an untrusted file: shown as stored
+        return 1
+    return o if o in _TRANSPOSE else 1
+
+
+@functools.cache
+def _srgb():
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def _profile_space(icc: bytes | None) -> tuple[str | None, object | None]:
+    """(colour space, parsed profile) of ICC bytes; (None, None) when absent or unreadable."""
+    if not icc:
+        return None, None
+    try:
+        p = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        return p.profile.xcolor_space.strip(), p
+    except Exception:  # noqa: BLE001 -- a damaged profile of an untrusted file is ignored, as if absent
+        log.debug("unreadable ICC profile ignored")
+        return None, None
+
+
+def _to_srgb(im: Image.Image, profile) -> Image.Image | None:
+    """``im`` (L, CMYK or LAB) converted from ``profile`` to sRGB by LittleCMS, perceptual intent; None if it fails."""
+    try:
+        # NOOPTIMIZE: LittleCMS's 8-bit precalculation is off by up to 10 levels in the shadows of a
+        # gamma-1 profile; unoptimised it is exact to rounding (about 5x slower, for these files only)
+        return ImageCms.profileToProfile(im, profile, _srgb(), renderingIntent=ImageCms.Intent.PERCEPTUAL,
+                                         outputMode="RGB", flags=ImageCms.Flags.NOOPTIMIZE)
+    except (ImageCms.PyCMSError, ValueError, OSError):
+        log.debug("ICC profile cannot be applied to a %s image; ignored", im.mode)
+        return None
+
+
+def _composite(im: Image.Image) -> Image.Image:
+    """RGBA image composited on :data:`ALPHA_BACKGROUND`, as RGB."""
+    im = im.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", im.size, ALPHA_BACKGROUND + (255,)), im).convert("RGB")
+
+
+def _to_rgb(im: Image.Image) -> tuple[Image.Image, bytes | None]:
+    """Convert a decoded image to 8-bit RGB by the policy of docs/images.md; returns (image, kept RGB profile)."""
+    icc = im.info.get("icc_profile") or None
+    space, profile = _profile_space(icc)
+    mode = im.mode
+    has_alpha = mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in im.info
+    if mode == "F":
+        raise ValueError("floating-point pixels (mode F) have no defined 8-bit range")
+    if mode.startswith("I"):  # 16-bit (or 32-bit integer) greyscale: keep the high byte, as Pillow does for 16-bit RGB
+        a = np.asarray(im)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ValueError(f"{mode} pixels outside 0..65535 have no defined 8-bit range")
+        im = Image.fromarray((a.astype(np.uint32) >> 8).astype(np.uint8), "L")
+    if mode in _GREY_MODES:
+        im = _composite(im).convert("L") if has_alpha else im.convert("L")
+        converted = _to_srgb(im, profile) if space == "GRAY" else None
+        return (im.convert("RGB") if converted is None else converted), None
+    if mode == "CMYK":
+        converted = _to_srgb(im, profile) if space == "CMYK" else None
+        return (im.convert("RGB") if converted is None else converted), None
+    if mode == "LAB":  # CIELAB (TIFF): defined colours, converted like a profile
+        converted = _to_srgb(im, ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")))
+        if converted is None:
+            raise ValueError("CIELAB pixels cannot be converted to sRGB")
+        return converted, None
+    return (_composite(im) if has_alpha else im.convert("RGB")), (icc if space == "RGB" else None)
+
+
+def read_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> DecodedImage:
+    """Read an image as it is displayed, as 8-bit RGB, by the policy of docs/images.md.
+
+    The first frame of animated or multi-page files is read. EXIF
+    orientation is applied. Alpha (and palette or colour-key transparency)
+    is composited on :data:`ALPHA_BACKGROUND`. 16-bit samples keep their high
+    byte (v >> 8). A CMYK or greyscale ICC profile is applied (to sRGB, with
+    LittleCMS, perceptual intent); an RGB profile is kept, pixels unchanged.
+
+    Args:
+        path: image file.
+        max_pixels: images with more pixels (width x height) are refused from
+            their header, before decoding; this bounds memory. Above twice
+            Pillow's ``Image.MAX_IMAGE_PIXELS`` Pillow refuses them too.
 
     Returns:
-        (H, W, 3) uint8 array.
+        the (H, W, 3) uint8 RGB pixels and the ICC profile to embed with them.
 
     Raises:
-        RadioactiveError: the file cannot be decoded.
+        RadioactiveError: empty file, unknown format, damaged or truncated
+            data, too many pixels, or pixels with no 8-bit meaning (mode F);
+            the message gives the reason.
     """
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float64)
-                scale = 65535.0 if arr.max() > 255 else 255.0
-                im = Image.fromarray(np.round(arr / scale * 255).clip(0, 255).astype(np.uint8), "L")
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA")
-                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(bg, im)
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-        raise RadioactiveError(f"cannot read image {path}: {e}") from e
+    with _open(path, max_pixels) as im:
+        orientation = _orientation(im)
+        mode = im.mode
+        try:
+            rgb, icc = _to_rgb(im)
+        except Exception as e:  # decoders raise OSError, ValueError, SyntaxError, struct.error...
+            reason = str(e) or type(e).__name__
+            raise RadioactiveError(f"cannot read image {path}: damaged or truncated image data ({reason})") from e
+    if orientation != 1:
+        rgb = rgb.transpose(_TRANSPOSE[orientation])
+    return DecodedImage(np.asarray(rgb, dtype=np.uint8).copy(), icc, mode)
 
 
-def display_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) of an image as displayed (after EXIF orientation), read from its header.
+def load_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Pixels of :func:`read_image`: (H, W, 3) uint8 RGB as displayed.
 
     Raises:
-        RadioactiveError: the file cannot be opened as an image.
+        RadioactiveError: as :func:`read_image`.
     """
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            orientation = im.getexif().get(0x0112, 1)
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-        raise RadioactiveError(f"cannot read image {path}: {e}") from e
+    return read_image(path, max_pixels).pixels
+
+
+def display_size(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) of an image as displayed (after EXIF orientation), from its header.
+
+    The same size as :func:`load_rgb`'s output (for PNG, reading the EXIF
+    may decode the image).
+
+    Raises:
+        RadioactiveError: as :func:`read_image` for a bad header or too many pixels.
+    """
+    with _open(path, max_pixels) as im:
+        w, h = im.size
+        orientation = _orientation(im)
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
@@ -191,33 +420,67 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def _write_error(path: Path, e: OSError) -> str:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"cannot write {path}: no space left on the device (or over quota); free some space and run "
+                "again (files written so far are complete)")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"cannot write {path}: permission denied ({e.strerror}); write to a folder you may write to, "
+                "or change its permissions")
+    return f"cannot write {path}: {e.strerror or e}"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder
-    and a rename, so that ``path`` is either absent or complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    and a rename, so that ``path`` is either its previous version or complete.
+
+    The file gets the usual permissions (0666 less the umask). On any failure
+    the temporary file is removed and a previous ``path`` is left as it was.
+
+    Raises:
+        RadioactiveError: the folder cannot be created or written (permission
+            denied, read-only file system, disk full...); the message says which.
+    """
+    path = Path(path)
+    tmp = None
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files: give them the usual permissions
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
         with os.fdopen(fd, "wb") as f:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files: give them the usual permissions
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise RadioactiveError(_write_error(path, e)) from e
         raise
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """Encode an (H, W, 3) uint8 RGB array as PNG, with no metadata.
+def encode_png(image: np.ndarray, icc_profile: bytes | None = None) -> bytes:
+    """Encode an image as PNG with no metadata but its ICC profile.
 
     Every image of a released copy goes through this function, marked or not,
     so that format, metadata and compression settings do not tell them apart.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        icc_profile: RGB ICC profile of the pixels (``DecodedImage.icc_profile``),
+            embedded as the iCCP chunk; None writes none (sRGB implied).
+
+    Raises:
+        ValueError: ``image`` is not (H, W, 3) uint8.
     """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {image.shape} {image.dtype}")
     buf = io.BytesIO()
-    Image.fromarray(image, "RGB").save(buf, format="PNG", compress_level=6)
+    extra = {"icc_profile": icc_profile} if icc_profile else {}
+    Image.fromarray(image, "RGB").save(buf, format="PNG", compress_level=6, **extra)
     return buf.getvalue()
 
 
