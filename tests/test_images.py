@@ -697,11 +697,15 @@ def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(".tmp-"))
 
 
-def test_atomic_write_replaces_and_sets_permissions(tmp_path):
+def test_atomic_write_replaces_and_sets_permissions(tmp_path, monkeypatch):
     target = tmp_path / "sub" / "out.png"
     atomic_write_bytes(target, b"first")
     atomic_write_bytes(target, b"second")
     assert target.read_bytes() == b"second" and _leftovers(target.parent) == []
+    names = []
+    monkeypatch.setattr(os, "replace", lambda a, b: names.append(Path(a).name) or Path(a).unlink())
+    atomic_write_bytes(target, b"third")
+    assert names[0].startswith(".tmp-") and names[0].endswith(".partial")  # hidden, not an image extension
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask

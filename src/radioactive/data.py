@@ -445,7 +445,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+        # hidden, and no image extension: a leftover of a killed run is never taken for an image
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".partial")
         with os.fdopen(fd, "wb") as f:
             umask = os.umask(0)
             os.umask(umask)
