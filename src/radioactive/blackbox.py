@@ -89,6 +89,8 @@ def read_record(record: str | Path, source_root: str | Path | None = None,
     hold = Path(header.get("holdout") or record.parent / f"{record.stem}.holdout").resolve()
     entries = []
     for n, ln in enumerate(lines[1:], start=2):
+        if isinstance(ln, dict) and ln.get("withheld"):
+            continue  # never released: see read_withheld
         try:
             base = out if ln.get("released", True) else hold
             s, o = (src / ln["source"]).resolve(), (base / ln["output"]).resolve()
@@ -99,6 +101,35 @@ def read_record(record: str | Path, source_root: str | Path | None = None,
             raise RadioactiveError(f"record path escapes its folder: {ln['source']!r} / {ln['output']!r}")
         entries.append(entry)
     return header, entries
+
+
+def read_withheld(record: str | Path, source_root: str | Path | None = None) -> tuple[dict, list[tuple[Path, str]]]:
+    """The images a record says were withheld from the release (``mark --withhold-fraction``).
+
+    Returns:
+        the header and (vanilla source path, class name) per withheld image, resolved inside the source folder.
+
+    Raises:
+        RadioactiveError: as :func:`read_record`; a record without withheld images.
+    """
+    read_record(record, source_root)  # validates the header and every marked entry
+    lines = [json.loads(ln) for ln in Path(record).read_text().splitlines() if ln.strip()]
+    header = lines[0]
+    src = Path(source_root or header["source"]).resolve()
+    out = []
+    for ln in lines[1:]:
+        if not ln.get("withheld"):
+            continue
+        try:
+            path, name = (src / ln["source"]).resolve(), str(ln["class"])
+        except (KeyError, TypeError) as e:
+            raise RadioactiveError(f"{record}: malformed withheld entry ({e!r})") from e
+        if not path.is_relative_to(src):
+            raise RadioactiveError(f"record path escapes its folder: {ln['source']!r}")
+        out.append((path, name))
+    if not out:
+        raise RadioactiveError(f"{record} lists no withheld image; mark with --withhold-fraction to use this test")
+    return header, out
 
 
 def true_class_loss(outputs: np.ndarray, labels: np.ndarray, kind: str = "logits") -> np.ndarray:
@@ -393,3 +424,76 @@ def _chernoff_log10_bound(t: float, strata: list[tuple[np.ndarray, int]]) -> flo
         hi *= 2
     res = minimize_scalar(log_bound, bounds=(0.0, 2 * hi), method="bounded", options={"xatol": 1e-10})
     return min(0.0, float(res.fun) / math.log(10))
+
+
+def membership_detect(record: str | Path, suspect: str | Path | None = None, outputs: str | Path | None = None,
+                      alpha: float = 1e-3, classes: list[str] | None = None, source_root=None,
+                      max_released_per_withheld: int = 20, seed: int = 0) -> DetectionResult:
+    """Black-box membership test of a suspect: released against withheld images (see :func:`membership_test`).
+
+    The vanilla versions of the withheld images (listed in the record) and of a random sample of the
+    released images (every image of the record's source folder that was not withheld, at most
+    ``max_released_per_withheld`` per withheld image of the same class; the sample is drawn with ``seed``,
+    independently of the suspect) are scored by the suspect's true-class loss.
+
+    Args:
+        record: private record of ``mark --withhold-fraction``.
+        suspect: a runnable suspect (weights + sidecar, or TorchScript + sidecar), or
+        outputs: a file of the suspect's outputs on those source images (see :func:`read_outputs_file`).
+        alpha: significance level of the verdict.
+        classes: the suspect's class names in output order (default: sidecar, else the record's).
+
+    Returns:
+        a :class:`DetectionResult` with method ``membership``; ``extra`` has the statistic, counts and medians.
+
+    Raises:
+        RadioactiveError: no withheld image in the record, neither or both of suspect/outputs, missing images.
+    """
+    from .data import list_image_folder
+    from .networks import load_runnable
+
+    t0 = time.time()
+    if (suspect is None) == (outputs is None):
+        raise RadioactiveError("give either a runnable suspect or a file of its outputs")
+    header, withheld = read_withheld(record, source_root)
+    src = Path(source_root or header["source"])
+    folder = list_image_folder(src)
+    held = {p for p, _ in withheld}
+    rng = np.random.default_rng([seed, 0x3E3])
+    released: list[tuple[Path, str]] = []
+    for k, name in enumerate(folder.classes):
+        pool = [folder.path(i).resolve() for i in range(len(folder)) if folder.labels[i] == k]
+        pool = [p for p in pool if p not in held]
+        n_w = sum(1 for _, c in withheld if c == name)
+        take = min(len(pool), max_released_per_withheld * n_w)
+        released += [(pool[i], name) for i in sorted(rng.choice(len(pool), take, replace=False))]
+    items = released + withheld
+    if suspect is not None:
+        net, meta = load_runnable(suspect)
+        s_classes = classes or list(meta["classes"])
+        size = meta.get("preprocessing", {}).get("image_size")
+        out = model_outputs(net, [p for p, _ in items], size)
+        kind = "logits"
+    else:
+        rows, kind = read_outputs_file(outputs)
+        items = [it for it in items if str(it[0]) in rows]
+        if not any(str(p) in rows for p, _ in withheld):
+            raise RadioactiveError(f"{outputs} has no outputs for the withheld images (e.g. {withheld[0][0]})")
+        out = np.stack([rows[str(p)] for p, _ in items])
+        s_classes = classes or header.get("classes")
+    index = {c: i for i, c in enumerate(s_classes)}
+    unknown = sorted({c for _, c in items if c not in index})
+    if unknown:
+        raise RadioactiveError(f"classes of the record unknown to the suspect: {unknown[:5]}")
+    labels = np.array([index[c] for _, c in items])
+    loss = true_class_loss(out, labels, kind)
+    is_w = np.array([p in held for p, _ in items])
+    res = membership_test(loss[~is_w], loss[is_w], labels[~is_w], labels[is_w])
+    log10_p = res.pop("log10_pvalue")
+    return DetectionResult(
+        method="membership", log10_pvalue=log10_p, detected=bool(log10_p < math.log10(alpha)), alpha=alpha,
+        classes=sorted({c for _, c in withheld}), key_fingerprint=header.get("key_fingerprint", ""),
+        suspect={"path": str(suspect or outputs)}, seconds=time.time() - t0,
+        extra={"test": "released vs withheld images, within-class ranks of the true-class loss on vanilla "
+                       "versions; Chernoff bound for sampling without replacement", **res},
+    )

@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--holdout-fraction", type=_holdout, default=0.0,
                    help="also mark this share of each class but release its vanilla version; the marked versions "
                         "stay private and give the black-box test an exact control")
+    m.add_argument("--withhold-fraction", type=_holdout, default=0.0,
+                   help="leave this share of each class's unmarked images out of the release (listed in the record): "
+                        "the control of the membership test (detect --method membership)")
     m.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the selection and augmentation draws")
     m.add_argument("--steps", type=_nonneg_int, default=MC.steps, help="optimisation steps")
     m.add_argument("--lr", type=_positive_float, default=MC.lr, help="Adam learning rate (pixels in [0, 1])")
@@ -110,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--lambda-img", type=_nonneg_float, default=MC.lambda_img, help="weight of the pixel L2 penalty")
     m.add_argument("--lambda-ft", type=_nonneg_float, default=MC.lambda_ft,
                    help="weight of the feature drift orthogonal to the carrier")
+    m.add_argument("--augmentation", choices=("resized_crop", "pad_crop"), default=MC.augmentation,
+                   help="augmentation while marking: random resized crop + flip, or the CIFAR trainer's pad-4 crop + flip")
+    m.add_argument("--views", type=_positive_int, default=MC.views, help="augmented views averaged per marking step")
     m.add_argument("--batch-size", type=_positive_int, default=MC.batch_size, help="images optimised together")
     g = m.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true",
@@ -145,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = _sub(subs, "detect", "test a suspect: was it trained on data marked with this key?",
              "radioactive detect --suspect suspect.safetensors --key key.safetensors --images test/ --output result.json\n"
              "  radioactive detect --method black-box --record released.record.jsonl --outputs api-outputs.jsonl")
-    d.add_argument("--method", choices=("white-box", "black-box"), default="white-box",
-                   help="white-box: weights needed; black-box: outputs on marked and vanilla images only")
+    d.add_argument("--method", choices=("white-box", "black-box", "membership"), default="white-box",
+                   help="white-box: weights needed; black-box: outputs on marked and vanilla images only; "
+                        "membership: outputs on released and withheld images (mark --withhold-fraction)")
     d.add_argument("--suspect", type=_existing, default=None, help="suspect weights (.safetensors with its .json sidecar)")
     d.add_argument("--key", type=_existing, default=None, help="key file (white-box)")
     d.add_argument("--images", type=_existing, default=None,
@@ -229,17 +236,21 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from .marking import mark_folder
 
         cfg = MarkingConfig(steps=args.steps, lr=args.lr, linf=args.linf, lambda_img=args.lambda_img,
-                            lambda_ft=args.lambda_ft, batch_size=args.batch_size)
+                            lambda_ft=args.lambda_ft, batch_size=args.batch_size, augmentation=args.augmentation,
+                            views=args.views)
         files = None
         if args.files is not None:
             files = [ln.strip() for ln in args.files.read_text().splitlines() if ln.strip()]
         summary = mark_folder(_folder_or_archive(args.source), Key.load(args.key), args.output, args.record,
                               fraction=args.fraction, files=files, seed=args.seed, config=cfg,
                               overwrite=args.overwrite, resume=args.resume, progress=sys.stderr.isatty(),
-                              device=args.device, holdout_fraction=args.holdout_fraction, strict=args.strict)
-        total = summary.num_marked + summary.num_copied + summary.num_skipped + len(summary.ignored)
+                              device=args.device, holdout_fraction=args.holdout_fraction, strict=args.strict,
+                              withhold_fraction=args.withhold_fraction)
+        total = (summary.num_marked + summary.num_copied + summary.num_withheld + summary.num_skipped
+                 + len(summary.ignored))
         print(f"{total} files: {summary.num_marked} marked, {summary.num_copied} copied"
               f"{f' (incl. {summary.num_holdout} withheld-marked, released vanilla)' if summary.num_holdout else ''}, "
+              f"{f'{summary.num_withheld} withheld (not released), ' if summary.num_withheld else ''}"
               f"{summary.num_skipped} skipped, {len(summary.ignored)} ignored (not images); "
               f"PSNR {summary.psnr_db_mean or float('nan'):.2f} dB", file=sys.stderr)
         _emit(summary.to_dict())
@@ -265,11 +276,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             result = detect(args.suspect, Key.load(args.key), _folder_or_archive(args.images, "test"), alpha=args.alpha, ridge=args.ridge,
                             only_classes=only, max_images=args.max_images, decoys=args.decoys, layer=args.layer)
         else:
-            from .blackbox import blackbox_detect
+            from .blackbox import blackbox_detect, membership_detect
 
             if args.record is None or (args.suspect is None) == (args.outputs is None):
-                parser.error("black-box detection needs --record and one of --suspect or --outputs")
-            result = blackbox_detect(args.record, args.suspect, args.outputs, alpha=args.alpha, only_classes=only)
+                parser.error(f"{args.method} detection needs --record and one of --suspect or --outputs")
+            if args.method == "membership":
+                result = membership_detect(args.record, args.suspect, args.outputs, alpha=args.alpha)
+            else:
+                result = blackbox_detect(args.record, args.suspect, args.outputs, alpha=args.alpha, only_classes=only)
         if args.plot and result.method == "white-box":
             plot_cosines(result, args.plot)
         if args.output:

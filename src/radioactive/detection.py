@@ -112,7 +112,7 @@ class DetectionResult:
     """Outcome of a detection test (white-box or black-box), one format for both.
 
     Attributes:
-        method: ``white-box`` or ``black-box``.
+        method: ``white-box``, ``black-box`` or ``membership``.
         log10_pvalue: log10 of the combined p-value (<= 0; finite however small).
         detected: log10_pvalue < log10(alpha).
         alpha: significance level of the verdict.
@@ -145,6 +145,12 @@ class DetectionResult:
         return format_pvalue(self.log10_pvalue)
 
     def verdict(self) -> str:
+        if self.method == "membership":
+            if self.detected:
+                return (f"DETECTED: the suspect fits the released images better than the withheld ones: it was "
+                        f"trained on the release (p = {self.pvalue_text} < alpha = {self.alpha:g}, membership).")
+            return (f"not detected: no evidence that the suspect was trained on the release "
+                    f"(p = {self.pvalue_text} >= alpha = {self.alpha:g}, membership).")
         if self.detected:
             return (f"DETECTED: the suspect was trained on data marked with this key "
                     f"(p = {self.pvalue_text} < alpha = {self.alpha:g}, {self.method}).")

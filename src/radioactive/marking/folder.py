@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..data import ImageFolder, atomic_write_bytes, display_size, encode_png, list_image_folder, load_rgb
+from ..data import ImageFolder, atomic_write_bytes, display_size, encode_png, list_image_folder, read_image
 from ..errors import RadioactiveError
 from ..keys import Key
 from ..networks import load_marking_network
@@ -37,12 +37,14 @@ class MarkSummary:
         record: the private record (JSON lines) of the marked images.
         num_images: images in the source.
         num_marked, num_copied: images marked / written unmarked.
-        num_holdout: images marked but withheld (their vanilla version is released).
+        num_holdout: images marked but kept private (their vanilla version is released).
+        num_withheld: images left out of the released copy altogether (listed in the record), for the
+            membership test (see ``withhold_fraction``).
         num_skipped, skipped: image files that could not be read (corrupt, truncated, over Pillow's
             size limit); each is copied unchanged into the released copy and listed with the reason.
         Every file of the source is accounted for exactly once:
-        num_marked + num_copied + num_skipped + len(ignored) (+ num_holdout, released as vanilla
-        copies and counted in num_copied) = files in the source.
+        num_marked + num_copied + num_withheld + num_skipped + len(ignored) (+ num_holdout, released as
+        vanilla copies and counted in num_copied) = files in the source.
         ignored: source files that are not images (not copied).
         psnr_db_mean, psnr_db_p5: PSNR of the marked images (dB, 0-255 scale).
         linf_max: largest |marked - vanilla| over all marked pixels (8-bit levels).
@@ -55,6 +57,7 @@ class MarkSummary:
     num_marked: int
     num_copied: int
     num_holdout: int = 0
+    num_withheld: int = 0
     num_skipped: int = 0
     skipped: list[dict] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
@@ -97,6 +100,22 @@ def select_holdout(folder: ImageFolder, fraction: float, seed: int, exclude: set
     return sorted(chosen)
 
 
+def select_withheld(folder: ImageFolder, fraction: float, seed: int, exclude: set[int]) -> list[int]:
+    """Choose round(fraction x n_k) images of every class among those not in ``exclude``, uniformly at random
+    (seeded, a stream of its own): they are left out of the released copy (the membership test's control)."""
+    if not 0 <= fraction < 1:
+        raise RadioactiveError(f"withheld fraction must be in [0, 1), got {fraction}")
+    rng = np.random.default_rng([seed, 2])
+    labels = np.asarray(folder.labels)
+    chosen = []
+    for k in range(len(folder.classes)):
+        all_k = np.flatnonzero(labels == k)
+        idx = np.array([i for i in all_k if i not in exclude], dtype=np.int64)
+        n = min(int(round(fraction * len(all_k))), len(idx))
+        chosen.extend(rng.choice(idx, size=n, replace=False).tolist())
+    return sorted(chosen)
+
+
 def output_name(rel: str) -> str:
     """Relative path of an image in the released copy: same folders and stem, ``.png``."""
     return str(Path(rel).with_suffix(".png").as_posix())
@@ -127,7 +146,7 @@ class Unit:
 
 
 def plan_units(folder: ImageFolder, chosen: list[int], holdout: list[int], batch_size: int,
-               unreadable: dict[int, str]) -> list[Unit]:
+               unreadable: dict[int, str], withheld: list[int] = ()) -> list[Unit]:
     """The fixed partition of a run into units, the same in every run on the same inputs.
 
     Marked images are grouped by displayed size (sizes in order of first appearance) and cut into chunks of
@@ -147,7 +166,7 @@ def plan_units(folder: ImageFolder, chosen: list[int], holdout: list[int], batch
                   for s in range(0, len(idx), batch_size)]
     if unreadable:
         units.insert(0, Unit("unreadable", tuple(sorted(unreadable))))
-    marked = set(chosen)
+    marked = set(chosen) | set(withheld)
     rest = [i for i in range(len(folder)) if i not in marked and i not in unreadable]
     return units + [Unit("copy", tuple(rest[s:s + COPY_CHUNK])) for s in range(0, len(rest), COPY_CHUNK)]
 
@@ -160,7 +179,7 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
                 fraction: float | None = None, files: list[str] | None = None, seed: int = 0,
                 config: MarkingConfig = MarkingConfig(), overwrite: bool = False, progress: bool = True,  # noqa: B008
                 device: str = "cpu", holdout_fraction: float = 0.0, strict: bool = False,
-                resume: bool = False) -> MarkSummary:
+                resume: bool = False, withhold_fraction: float = 0.0) -> MarkSummary:
     """Mark a fraction of an image folder and write a complete released copy; resumable.
 
     Every image of the source is written to ``output`` at the same relative
@@ -193,6 +212,9 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
             release them (the released copy holds their vanilla version); their marked versions go to the
             private folder ``<record stem>.holdout/`` beside the record. They give the black-box test an exact
             control (see :mod:`radioactive.blackbox`).
+        withhold_fraction: leave this share of each class's unmarked images out of the released copy
+            altogether; the record lists them. They give the black-box membership test its control (see
+            :func:`radioactive.blackbox.membership_detect`).
         strict: fail on the first unreadable image instead of skipping it.
         device: torch device of the optimisation (``cpu``, ``cuda``); CPU results are bit-reproducible.
 
@@ -231,9 +253,11 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
     else:
         chosen = select_marked(folder, fraction, seed)
     holdout = select_holdout(folder, holdout_fraction, seed, set(chosen)) if holdout_fraction else []
+    withheld = (select_withheld(folder, withhold_fraction, seed, set(chosen) | set(holdout))
+                if withhold_fraction else [])
     holdout_dir = record.parent / f"{record.stem}.holdout"
     unreadable: dict[int, str] = {}
-    units = plan_units(folder, chosen, holdout, config.batch_size, unreadable)
+    units = plan_units(folder, chosen, holdout, config.batch_size, unreadable, withheld)
     if strict and unreadable:
         i = min(unreadable)
         raise RadioactiveError(f"{folder.files[i]} cannot be used ({unreadable[i]}); --strict turns skips into failures")
@@ -243,10 +267,13 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
         "holdout": str(holdout_dir.resolve()) if holdout else None, "holdout_fraction": holdout_fraction,
         "fraction": fraction, "seed": seed, "config": asdict(config),
     }
+    if withheld:
+        header["withhold_fraction"] = withhold_fraction
     stats = [(f, st.st_size, st.st_mtime_ns) for f, st in ((f, (source / f).stat()) for f in folder.files)]
     identity = {**header, "record": str(record.resolve()), "device": device, "strict": strict,
                 "marked_files": _digest([folder.files[i] for i in chosen]),
-                "holdout_files": _digest([folder.files[i] for i in holdout]), "source_files": _digest(stats)}
+                "holdout_files": _digest([folder.files[i] for i in holdout]), "source_files": _digest(stats),
+                "withheld_files": _digest([folder.files[i] for i in withheld])}
     bases = {"output": output, "holdout": holdout_dir}
     journal = Journal(journal_path(record), identity)
     done = open_run(output, holdout_dir, {output_name(f) for f in folder.files} | set(folder.files), journal,
@@ -273,21 +300,22 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
                 out["skipped"].append([folder.files[i], reason])
                 write("output", folder.files[i], folder.path(i).read_bytes())  # unchanged, as given
 
-            imgs, idx = [], []
+            imgs, idx, icc = [], [], {}
             for i in unit.indices:
                 if unit.kind == "unreadable":
                     skip(i, unreadable[i])
                     continue
                 try:
-                    pixels = load_rgb(folder.path(i))
+                    image = read_image(folder.path(i))
                 except RadioactiveError as e:
                     skip(i, str(e))
                     continue
+                icc[i] = image.icc_profile  # kept in marked and unmarked outputs alike
                 if unit.kind == "copy":
-                    write("output", output_name(folder.files[i]), encode_png(pixels))
+                    write("output", output_name(folder.files[i]), encode_png(image.pixels, image.icc_profile))
                     out["copied"] += 1
                 else:
-                    imgs.append(pixels)
+                    imgs.append(image.pixels)
                     idx.append(i)
             if not idx:
                 return out
@@ -298,7 +326,7 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
             released = unit.kind == "mark"
             for i, vanilla, m, k in zip(idx, imgs, marked, labels):
                 out_rel = output_name(folder.files[i])
-                sha = write("output" if released else "holdout", out_rel, encode_png(m))
+                sha = write("output" if released else "holdout", out_rel, encode_png(m, icc[i]))
                 p = psnr_db(vanilla, m)
                 out["psnr"].append(None if math.isinf(p) else p)
                 out["entries"].append({
@@ -320,7 +348,10 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
                 if done[n]["entries"]:
                     bar.set_postfix(psnr=f"{np.mean([p for r in results for p in r['psnr'] if p is not None]):.1f}dB")
         entries = [e for r in results for e in r["entries"]]
-        atomic_write_bytes(record, ("\n".join(json.dumps(x) for x in [header] + entries) + "\n").encode())
+        withheld_lines = [{"source": folder.files[i], "class": folder.classes[folder.labels[i]],
+                           "carrier_index": folder.labels[i], "withheld": True} for i in withheld]
+        atomic_write_bytes(record, ("\n".join(json.dumps(x) for x in [header] + entries + withheld_lines)
+                                    + "\n").encode())
     finally:
         journal.close(remove=False)
     journal.close(remove=True)
@@ -333,6 +364,7 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
     return MarkSummary(
         output=str(output), record=str(record), num_images=len(folder), num_marked=num_marked,
         num_copied=sum(r["copied"] for r in results), num_holdout=len(entries) - num_marked,
+        num_withheld=len(withheld),
         num_skipped=len(skipped), skipped=[{"file": f, "reason": r} for f, r in sorted(skipped.items())],
         ignored=list(folder.ignored),
         psnr_db_mean=float(np.mean(finite)) if finite else None,

@@ -51,14 +51,12 @@ def write_atomic(path: Path, data: bytes) -> str:
     """Write ``data`` to ``path`` atomically; return its sha256 (hex).
 
     The bytes go through :func:`radioactive.data.atomic_write_bytes` (fsynced, usual permissions, clear errors
-    on a full disk or a denied write) to a hidden staging name without an image extension
-    (``.radioactive-<name>.partial``), then are renamed into place: a run killed at any point leaves no file
-    that an image loader (torchvision's ``ImageFolder`` reads hidden files too) would take for an image.
-    ``mark`` deletes such leftovers on ``--resume`` and ``--overwrite``.
+    on a full disk or a denied write), staged under a hidden name without an image extension
+    (``.tmp-*.partial``) and renamed into place: a run killed at any point leaves no file that an image
+    loader (torchvision's ``ImageFolder`` reads hidden files too) would take for an image. ``mark`` deletes
+    such leftovers on ``--resume`` and ``--overwrite``.
     """
-    staged = path.with_name(f"{TEMP_PREFIX}{path.name}{TEMP_SUFFIX}")
-    atomic_write_bytes(staged, data)
-    os.replace(staged, path)
+    atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
