@@ -881,3 +881,17 @@ def test_mark_folder_of_every_kind(tmp_path, photo, photo2, wide, samples16, key
     with Image.open(out / "dog" / "tiny.png") as o:
         assert o.size == (5, 3)
     assert (out / "cat" / "2020" / "deep" / "o.png").is_file()
+
+
+def test_released_copy_keeps_the_rgb_icc_profile_of_marked_and_copied_images(tmp_path, photo, key):
+    icc = linear_rgb_profile()
+    src = tmp_path / "src"
+    for c in ("cat", "dog"):
+        for i in range(2):
+            (src / c).mkdir(parents=True, exist_ok=True)
+            _save(Image.fromarray(photo), src / c / f"{i}.png", icc_profile=icc)
+    s = mark_folder(src, _key2(key), tmp_path / "out", fraction=0.5, config=FAST, progress=False)
+    assert s.num_marked == 2 and s.num_copied == 2
+    for p in sorted((tmp_path / "out").rglob("*.png")):
+        with Image.open(p) as im:
+            assert im.info.get("icc_profile") == icc, p

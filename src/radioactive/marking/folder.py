@@ -171,6 +171,10 @@ def plan_units(folder: ImageFolder, chosen: list[int], holdout: list[int], batch
     return units + [Unit("copy", tuple(rest[s:s + COPY_CHUNK])) for s in range(0, len(rest), COPY_CHUNK)]
 
 
+def _names(classes) -> str:
+    return ", ".join(list(classes)[:5]) + (", ..." if len(classes) > 5 else "")
+
+
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj).encode()).hexdigest()
 
@@ -228,7 +232,8 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
     folder = list_image_folder(source)
     if tuple(folder.classes) != tuple(key.classes):
         raise RadioactiveError(
-            f"the classes of {source} ({len(folder.classes)}) differ from the key's ({len(key.classes)}); "
+            f"the classes of {source} ({len(folder.classes)}: {_names(folder.classes)}) differ from the key's "
+            f"({len(key.classes)}: {_names(key.classes)}); "
             "make the key with `radioactive keygen --data` on this folder"
         )
     check_output_dir(source, output)
