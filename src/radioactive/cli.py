@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--output", type=Path, required=True, help="key file to write (.safetensors); keep it secret")
 
     m = _sub(subs, "mark", "mark a fraction of an image folder and write a complete released copy",
-             "radioactive mark --source train/ --key key.safetensors --fraction 0.1 --output released/")
+             "radioactive mark --source train/ --key key.safetensors --fraction 0.1 --output released/\n"
+             "  torchrun --nproc_per_node=4 -m radioactive mark ... --device cuda   # 4 processes, same bytes "
+             "(docs/distributed.md)")
     m.add_argument("--source", type=_existing, required=True,
                    help="image folder (class sub-folders), or the CIFAR-10 archive (its train split is marked)")
     m.add_argument("--key", type=_existing, required=True, help="key file from keygen")
@@ -125,7 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in a non-empty output folder: delete the files a previous mark run wrote "
                         "there (refused if it holds any other file)")
-    m.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    m.add_argument("--device", default="cpu",
+                   help="torch device (cpu, cuda); under torchrun, each process uses cuda:LOCAL_RANK")
+    m.add_argument("--threads", type=_positive_int, default=MC.threads,
+                   help="CPU threads per process while marking; part of the arithmetic (runs with 1 thread and with "
+                        "more differ in a few 8-bit levels): keep it fixed, use torchrun processes for more cores")
+    m.add_argument("--metrics", type=Path, default=None,
+                   help="append one JSON line per finished unit (images done, images/s, running PSNR) to this file; "
+                        "under torchrun, rank r > 0 writes <stem>.rank<r><suffix>")
     m.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
 
     t = _sub(subs, "train", "train a suspect with a reference recipe (plays the trainer)",
@@ -234,18 +243,29 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     elif args.command == "mark":
         from .keys import Key
         from .marking import mark_folder
+        from .marking.distributed import from_env, shutdown
 
         cfg = MarkingConfig(steps=args.steps, lr=args.lr, linf=args.linf, lambda_img=args.lambda_img,
                             lambda_ft=args.lambda_ft, batch_size=args.batch_size, augmentation=args.augmentation,
-                            views=args.views)
+                            views=args.views, threads=args.threads)
         files = None
         if args.files is not None:
             files = [ln.strip() for ln in args.files.read_text().splitlines() if ln.strip()]
-        summary = mark_folder(_folder_or_archive(args.source), Key.load(args.key), args.output, args.record,
-                              fraction=args.fraction, files=files, seed=args.seed, config=cfg,
-                              overwrite=args.overwrite, resume=args.resume, progress=sys.stderr.isatty(),
-                              device=args.device, holdout_fraction=args.holdout_fraction, strict=args.strict,
-                              withhold_fraction=args.withhold_fraction)
+        ranks = from_env(args.device)  # one process unless started by torchrun
+        try:
+            summary = mark_folder(_folder_or_archive(args.source), Key.load(args.key), args.output, args.record,
+                                  fraction=args.fraction, files=files, seed=args.seed, config=cfg,
+                                  overwrite=args.overwrite, resume=args.resume, progress=sys.stderr.isatty(),
+                                  device=args.device, holdout_fraction=args.holdout_fraction, strict=args.strict,
+                                  withhold_fraction=args.withhold_fraction, metrics=args.metrics, ranks=ranks)
+        except RadioactiveError:
+            if ranks.rank != 0:  # every rank fails alike; rank 0 says why, once
+                raise SystemExit(1) from None
+            raise
+        finally:
+            shutdown()
+        if ranks.rank != 0:
+            return 0
         total = (summary.num_marked + summary.num_copied + summary.num_withheld + summary.num_skipped
                  + len(summary.ignored))
         print(f"{total} files: {summary.num_marked} marked, {summary.num_copied} copied"

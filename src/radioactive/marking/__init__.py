@@ -1,6 +1,8 @@
-"""Marking: the per-image optimisation (:mod:`.optimise`), folder marking (:mod:`.folder`) and its safe,
-resumable writing (:mod:`.resume`)."""
+"""Marking: the per-image optimisation (:mod:`.optimise`), folder marking (:mod:`.folder`), its safe,
+resumable writing (:mod:`.resume`), its spreading over torchrun processes (:mod:`.distributed`) and its
+progress bar and metrics (:mod:`.progress`)."""
 
+from .distributed import Ranks, from_env
 from .folder import (
     COPY_CHUNK,
     RECORD_SCHEMA,
@@ -16,6 +18,7 @@ from .folder import (
 from .optimise import MarkingConfig, image_generator, mark_batch, psnr_db
 
 __all__ = [
-    "COPY_CHUNK", "RECORD_SCHEMA", "MarkSummary", "MarkingConfig", "Unit", "check_output_dir", "image_generator",
-    "mark_batch", "mark_folder", "output_name", "plan_units", "psnr_db", "select_holdout", "select_marked",
+    "COPY_CHUNK", "RECORD_SCHEMA", "MarkSummary", "MarkingConfig", "Ranks", "Unit", "check_output_dir", "from_env",
+    "image_generator", "mark_batch", "mark_folder", "output_name", "plan_units", "psnr_db", "select_holdout",
+    "select_marked",
 ]

@@ -15,15 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .. import __version__
 from ..data import ImageFolder, atomic_write_bytes, display_size, encode_png, list_image_folder, read_image
 from ..errors import RadioactiveError
 from ..keys import Key
 from ..networks import load_marking_network
-from .optimise import MarkingConfig, image_generator, mark_batch, psnr_db
-from .resume import Journal, journal_path, open_run, write_atomic
+from .distributed import SINGLE, Ranks
+from .optimise import MarkingConfig, cpu_threads, image_generator, mark_batch, psnr_db
+from .progress import Progress
+from .resume import Journal, journal_path, open_run, part_path, part_paths, write_atomic
 
 RECORD_SCHEMA = 1
 
@@ -179,56 +180,29 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj).encode()).hexdigest()
 
 
-def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | Path | None = None,
-                fraction: float | None = None, files: list[str] | None = None, seed: int = 0,
-                config: MarkingConfig = MarkingConfig(), overwrite: bool = False, progress: bool = True,  # noqa: B008
-                device: str = "cpu", holdout_fraction: float = 0.0, strict: bool = False,
-                resume: bool = False, withhold_fraction: float = 0.0) -> MarkSummary:
-    """Mark a fraction of an image folder and write a complete released copy; resumable.
+@dataclass
+class _Plan:
+    """Everything a run decides before it writes: the same on every rank."""
 
-    Every image of the source is written to ``output`` at the same relative
-    path with a ``.png`` suffix, losslessly and with the same encoder
-    settings and no metadata, marked or not, so that the copy does not tell
-    which images carry the mark; unmarked images keep their exact pixels.
-    The private record (outside the copy) lists each marked image.
+    folder: ImageFolder
+    output: Path
+    record: Path
+    holdout_dir: Path
+    units: list[Unit]
+    unreadable: dict[int, str]
+    withheld: list[int]
+    header: dict
+    identity: dict
 
-    The run is cut into fixed units (:func:`plan_units`), each journaled beside the record once its files
-    are written (:mod:`radioactive.resume`), so a killed run continues with ``resume=True`` and ends with
-    the same bytes, in the copy and in the record, as an uninterrupted run (on CPU). Files are written
-    atomically; the record is written last, and the journal then removed.
+    @property
+    def bases(self) -> dict[str, Path]:
+        return {"output": self.output, "holdout": self.holdout_dir}
 
-    Args:
-        source: ImageFolder-style folder whose class names are the key's classes.
-        key: the key (its carriers and marking network).
-        output: folder of the released copy (created; never inside ``source``).
-        record: private record path (JSON lines); default ``<output>.record.jsonl`` beside ``output``.
-        fraction: marked fraction q in (0, 1], chosen per class; or
-        files: explicit relative paths to mark (exclusive with ``fraction``).
-        seed: seed of the selection and of the augmentation draws.
-        config: optimisation settings.
-        overwrite: start afresh in a non-empty output folder: delete the files a run of ``mark`` on this
-            source writes there (refused if it holds any other file; see :mod:`radioactive.resume`).
-        resume: continue the interrupted run journaled beside ``record``, which must have had the same
-            arguments and inputs; finished units whose files verify by sha256 are kept, the rest redone.
-            On an empty or missing output folder, a fresh start.
-        progress: show a progress bar.
-        holdout_fraction: also mark this share of each class's images with the same key but do not
-            release them (the released copy holds their vanilla version); their marked versions go to the
-            private folder ``<record stem>.holdout/`` beside the record. They give the black-box test an exact
-            control (see :mod:`radioactive.blackbox`).
-        withhold_fraction: leave this share of each class's unmarked images out of the released copy
-            altogether; the record lists them. They give the black-box membership test its control (see
-            :func:`radioactive.blackbox.membership_detect`).
-        strict: fail on the first unreadable image instead of skipping it.
-        device: torch device of the optimisation (``cpu``, ``cuda``); CPU results are bit-reproducible.
 
-    Raises:
-        RadioactiveError: classes differ from the key's, bad fraction or file list, output inside the
-            source, output not empty without ``resume``/``overwrite`` (or with foreign files), both flags,
-            ``resume`` with other arguments or nothing to resume, unreadable images with ``strict``.
-    """
-    t0 = time.time()
-    source, output = Path(source), Path(output)
+def _plan(source: Path, key: Key, output: Path, record: Path | None, fraction: float | None, files: list[str] | None,
+          seed: int, config: MarkingConfig, device: str, holdout_fraction: float, withhold_fraction: float,
+          strict: bool) -> _Plan:
+    """Check the arguments and inputs and cut the run into units (see :func:`mark_folder`)."""
     folder = list_image_folder(source)
     if tuple(folder.classes) != tuple(key.classes):
         raise RadioactiveError(
@@ -247,6 +221,7 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
         other = names.setdefault(output_name(rel).lower(), rel)
         if other != rel:
             raise RadioactiveError(f"{other} and {rel} would both be written as {output_name(rel)}; rename one")
+    del names
     if (fraction is None) == (files is None):
         raise RadioactiveError("give either a marked fraction or a list of files to mark")
     if files is not None:
@@ -275,91 +250,106 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
     if withheld:
         header["withhold_fraction"] = withhold_fraction
     stats = [(f, st.st_size, st.st_mtime_ns) for f, st in ((f, (source / f).stat()) for f in folder.files)]
-    identity = {**header, "record": str(record.resolve()), "device": device, "strict": strict,
+    identity = {**header, "record": str(record.resolve()), "device": torch.device(device).type, "strict": strict,
                 "marked_files": _digest([folder.files[i] for i in chosen]),
                 "holdout_files": _digest([folder.files[i] for i in holdout]), "source_files": _digest(stats),
                 "withheld_files": _digest([folder.files[i] for i in withheld])}
-    bases = {"output": output, "holdout": holdout_dir}
-    journal = Journal(journal_path(record), identity)
-    done = open_run(output, holdout_dir, {output_name(f) for f in folder.files} | set(folder.files), journal,
-                    resume, overwrite, bases)
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        net = None
-        if any(u.kind in ("mark", "holdout") for n, u in enumerate(units) if n not in done):
-            net = load_marking_network(key.network)[0].to(device)
-            if net.feature_dim != key.dim:
-                raise RadioactiveError(f"key dimension {key.dim} differs from the marking network's {net.feature_dim}")
+    return _Plan(folder, output, record, holdout_dir, units, unreadable, withheld, header, identity)
 
-        def run_unit(n: int, unit: Unit) -> dict:
-            """Do one unit and return its journal line."""
-            out = {"unit": n, "files": [], "entries": [], "psnr": [], "skipped": [], "copied": 0}
 
-            def write(base: str, rel: str, data: bytes) -> str:
-                out["files"].append([base, rel, write_atomic(bases[base] / rel, data)])
-                return out["files"][-1][2]
+def _run_units(plan: _Plan, key: Key, kept: dict[int, list], journal: Journal, ranks: Ranks, seed: int,
+               config: MarkingConfig, device: str, strict: bool, progress: Progress) -> None:
+    """Do this rank's units not in ``kept`` (unit -> PSNRs of a kept unit), journaling each as it finishes."""
+    folder, units, bases = plan.folder, plan.units, plan.bases
+    mine = [n for n in range(len(units)) if ranks.owns(n)]
+    net = None
+    if any(units[n].kind in ("mark", "holdout") for n in mine if n not in kept):
+        net = load_marking_network(key.network)[0].to(device)
+        if net.feature_dim != key.dim:
+            raise RadioactiveError(f"key dimension {key.dim} differs from the marking network's {net.feature_dim}")
 
-            def skip(i: int, reason: str) -> None:
-                if strict:
-                    raise RadioactiveError(f"{folder.files[i]} cannot be used ({reason}); --strict turns skips into failures")
-                out["skipped"].append([folder.files[i], reason])
-                write("output", folder.files[i], folder.path(i).read_bytes())  # unchanged, as given
+    def run_unit(n: int, unit: Unit) -> dict:
+        """Do one unit and return its journal line."""
+        out = {"unit": n, "files": [], "entries": [], "psnr": [], "skipped": [], "copied": 0}
 
-            imgs, idx, icc = [], [], {}
-            for i in unit.indices:
-                if unit.kind == "unreadable":
-                    skip(i, unreadable[i])
-                    continue
-                try:
-                    image = read_image(folder.path(i))
-                except RadioactiveError as e:
-                    skip(i, str(e))
-                    continue
-                icc[i] = image.icc_profile  # kept in marked and unmarked outputs alike
-                if unit.kind == "copy":
-                    write("output", output_name(folder.files[i]), encode_png(image.pixels, image.icc_profile))
-                    out["copied"] += 1
-                else:
-                    imgs.append(image.pixels)
-                    idx.append(i)
-            if not idx:
-                return out
-            batch = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
-            labels = [folder.labels[i] for i in idx]
-            gens = [image_generator(seed, folder.files[i]) for i in idx]
-            marked = mark_batch(net, batch, key.carriers[labels], config, gens).permute(0, 2, 3, 1).numpy()
-            released = unit.kind == "mark"
-            for i, vanilla, m, k in zip(idx, imgs, marked, labels):
-                out_rel = output_name(folder.files[i])
-                sha = write("output" if released else "holdout", out_rel, encode_png(m, icc[i]))
-                p = psnr_db(vanilla, m)
-                out["psnr"].append(None if math.isinf(p) else p)
-                out["entries"].append({
-                    "source": folder.files[i], "output": out_rel, "class": folder.classes[k], "carrier_index": k,
-                    "psnr_db": None if math.isinf(p) else round(p, 4),
-                    "linf": int(np.abs(vanilla.astype(np.int16) - m.astype(np.int16)).max()),
-                    "sha256": sha, "released": released,
-                })
+        def write(base: str, rel: str, data: bytes) -> str:
+            out["files"].append([base, rel, write_atomic(bases[base] / rel, data)])
+            return out["files"][-1][2]
+
+        def skip(i: int, reason: str) -> None:
+            if strict:
+                raise RadioactiveError(f"{folder.files[i]} cannot be used ({reason}); --strict turns skips into failures")
+            out["skipped"].append([folder.files[i], reason])
+            write("output", folder.files[i], folder.path(i).read_bytes())  # unchanged, as given
+
+        imgs, idx, icc = [], [], {}
+        for i in unit.indices:
+            if unit.kind == "unreadable":
+                skip(i, plan.unreadable[i])
+                continue
+            try:
+                image = read_image(folder.path(i))
+            except RadioactiveError as e:
+                skip(i, str(e))
+                continue
+            icc[i] = image.icc_profile  # kept in marked and unmarked outputs alike
+            if unit.kind == "copy":
+                write("output", output_name(folder.files[i]), encode_png(image.pixels, image.icc_profile))
+                out["copied"] += 1
+            else:
+                imgs.append(image.pixels)
+                idx.append(i)
+        if not idx:
             return out
+        batch = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+        labels = [folder.labels[i] for i in idx]
+        gens = [image_generator(seed, folder.files[i]) for i in idx]
+        marked = mark_batch(net, batch, key.carriers[labels], config, gens).permute(0, 2, 3, 1).numpy()
+        released = unit.kind == "mark"
+        for i, vanilla, m, k in zip(idx, imgs, marked, labels):
+            out_rel = output_name(folder.files[i])
+            sha = write("output" if released else "holdout", out_rel, encode_png(m, icc[i]))
+            p = psnr_db(vanilla, m)
+            out["psnr"].append(None if math.isinf(p) else p)
+            out["entries"].append({
+                "source": folder.files[i], "output": out_rel, "class": folder.classes[k], "carrier_index": k,
+                "psnr_db": None if math.isinf(p) else round(p, 4),
+                "linf": int(np.abs(vanilla.astype(np.int16) - m.astype(np.int16)).max()),
+                "sha256": sha, "released": released,
+            })
+        return out
 
-        results = []
-        with tqdm(total=sum(len(u.indices) for u in units), desc="marking", unit="img", disable=not progress) as bar:
-            for n, unit in enumerate(units):
-                if n not in done:
-                    done[n] = run_unit(n, unit)
-                    journal.append(done[n])
-                results.append(done[n])
-                bar.update(len(unit.indices))
-                if done[n]["entries"]:
-                    bar.set_postfix(psnr=f"{np.mean([p for r in results for p in r['psnr'] if p is not None]):.1f}dB")
-        entries = [e for r in results for e in r["entries"]]
-        withheld_lines = [{"source": folder.files[i], "class": folder.classes[folder.labels[i]],
-                           "carrier_index": folder.labels[i], "withheld": True} for i in withheld]
-        atomic_write_bytes(record, ("\n".join(json.dumps(x) for x in [header] + entries + withheld_lines)
-                                    + "\n").encode())
-    finally:
-        journal.close(remove=False)
+    for n in mine:
+        unit = units[n]
+        if n in kept:
+            progress.update(n, unit.kind, len(unit.indices), kept[n], kept=True)
+            continue
+        line = run_unit(n, unit)
+        journal.append(line)
+        progress.update(n, unit.kind, len(unit.indices), line["psnr"], kept=False)
+
+
+def _merge(plan: _Plan, t0: float) -> MarkSummary:
+    """Rank 0, once every rank is done: read the journal and its parts, write the record, sum up."""
+    journal = Journal(journal_path(plan.record), plan.identity)
+    results = journal.read()
+    for p in part_paths(plan.record):
+        results.update(Journal(p, plan.identity).read())
+    missing = [n for n in range(len(plan.units)) if n not in results]
+    if missing:
+        raise RadioactiveError(
+            f"{len(missing)} units of the run (e.g. unit {missing[0]}) are in no journal beside {plan.record}: the "
+            "output and the record must be on a filesystem that every rank (every node) shares; run again with --resume")
+    folder = plan.folder
+    results = [results[n] for n in range(len(plan.units))]
+    entries = [e for r in results for e in r["entries"]]
+    withheld_lines = [{"source": folder.files[i], "class": folder.classes[folder.labels[i]],
+                       "carrier_index": folder.labels[i], "withheld": True} for i in plan.withheld]
+    atomic_write_bytes(plan.record, ("\n".join(json.dumps(x) for x in [plan.header] + entries + withheld_lines)
+                                     + "\n").encode())
     journal.close(remove=True)
+    for p in part_paths(plan.record):
+        p.unlink(missing_ok=True)
     skipped: dict[str, str] = {}
     for r in results:
         for f, why in r["skipped"]:
@@ -367,12 +357,120 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
     finite = [p for r in results for p in r["psnr"] if p is not None]
     num_marked = sum(e["released"] for e in entries)
     return MarkSummary(
-        output=str(output), record=str(record), num_images=len(folder), num_marked=num_marked,
+        output=str(plan.output), record=str(plan.record), num_images=len(folder), num_marked=num_marked,
         num_copied=sum(r["copied"] for r in results), num_holdout=len(entries) - num_marked,
-        num_withheld=len(withheld),
+        num_withheld=len(plan.withheld),
         num_skipped=len(skipped), skipped=[{"file": f, "reason": r} for f, r in sorted(skipped.items())],
         ignored=list(folder.ignored),
         psnr_db_mean=float(np.mean(finite)) if finite else None,
         psnr_db_p5=float(np.percentile(finite, 5)) if finite else None,
         linf_max=max((e["linf"] for e in entries), default=0), seconds=time.time() - t0,
     )
+
+
+def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | Path | None = None,
+                fraction: float | None = None, files: list[str] | None = None, seed: int = 0,
+                config: MarkingConfig = MarkingConfig(), overwrite: bool = False, progress: bool = True,  # noqa: B008
+                device: str = "cpu", holdout_fraction: float = 0.0, strict: bool = False,
+                resume: bool = False, withhold_fraction: float = 0.0, metrics: str | Path | None = None,
+                ranks: Ranks = SINGLE) -> MarkSummary:
+    """Mark a fraction of an image folder and write a complete released copy; resumable, and distributable.
+
+    Every image of the source is written to ``output`` at the same relative
+    path with a ``.png`` suffix, losslessly and with the same encoder
+    settings and no metadata, marked or not, so that the copy does not tell
+    which images carry the mark; unmarked images keep their exact pixels.
+    The private record (outside the copy) lists each marked image.
+
+    The run is cut into fixed units (:func:`plan_units`), each journaled beside the record once its files
+    are written (:mod:`radioactive.marking.resume`), so a killed run continues with ``resume=True`` and ends
+    with the same bytes, in the copy and in the record, as an uninterrupted run (on CPU, with the same
+    ``config.threads``). Files are written atomically; the record is written last, and the journal then
+    removed. With ``ranks`` from :func:`radioactive.marking.distributed.from_env` (under torchrun), every
+    process calls this function with the same arguments; unit n is done by rank ``n % world_size`` and rank 0
+    writes the record: the same bytes as one process (:mod:`radioactive.marking.distributed`).
+
+    Args:
+        source: ImageFolder-style folder whose class names are the key's classes.
+        key: the key (its carriers and marking network).
+        output: folder of the released copy (created; never inside ``source``).
+        record: private record path (JSON lines); default ``<output>.record.jsonl`` beside ``output``.
+        fraction: marked fraction q in (0, 1], chosen per class; or
+        files: explicit relative paths to mark (exclusive with ``fraction``).
+        seed: seed of the selection and of the augmentation draws.
+        config: optimisation settings (``config.threads``: CPU threads while marking).
+        overwrite: start afresh in a non-empty output folder: delete the files a run of ``mark`` on this
+            source writes there (refused if it holds any other file; see :mod:`radioactive.resume`).
+        resume: continue the interrupted run journaled beside ``record``, which must have had the same
+            arguments and inputs (any number of processes); finished units whose files verify by sha256 are
+            kept, the rest redone. On an empty or missing output folder, a fresh start.
+        progress: show a progress bar (rank 0 only: its own units) with ETA and running mean PSNR.
+        metrics: append one JSON line per finished unit to this file (:mod:`radioactive.marking.progress`;
+            rank r > 0 of a distributed run writes ``<stem>.rank<r><suffix>``).
+        holdout_fraction: also mark this share of each class's images with the same key but do not
+            release them (the released copy holds their vanilla version); their marked versions go to the
+            private folder ``<record stem>.holdout/`` beside the record. They give the black-box test an exact
+            control (see :mod:`radioactive.blackbox`).
+        withhold_fraction: leave this share of each class's unmarked images out of the released copy
+            altogether; the record lists them. They give the black-box membership test its control (see
+            :func:`radioactive.blackbox.membership_detect`).
+        strict: fail on the first unreadable image instead of skipping it.
+        device: torch device of the optimisation (``cpu``, ``cuda``: ``cuda:LOCAL_RANK`` in a distributed
+            run); CPU results are bit-reproducible.
+        ranks: this process's rank in a distributed run (default: one process).
+
+    Returns:
+        The summary of the whole run, on every rank.
+
+    Raises:
+        RadioactiveError: classes differ from the key's, bad fraction or file list, output inside the
+            source, output not empty without ``resume``/``overwrite`` (or with foreign files), both flags,
+            ``resume`` with other arguments or nothing to resume, unreadable images with ``strict``; in a
+            distributed run, any rank's failure (on every rank), or a record folder the ranks do not share.
+    """
+    t0 = time.time()
+    source, output = Path(source), Path(output)
+    plan = ranks.step("checking the inputs", lambda: _plan(
+        source, key, output, record, fraction, files, seed, config, device, holdout_fraction, withhold_fraction, strict))
+    journal = Journal(journal_path(plan.record), plan.identity)
+
+    def open_() -> dict[int, list]:
+        """Rank 0: apply the output rules, start the journal; the kept units' PSNRs, by unit."""
+        ours = {output_name(f) for f in plan.folder.files} | set(plan.folder.files)
+        done = open_run(output, plan.holdout_dir, ours, journal, resume, overwrite, plan.bases, part_paths(plan.record))
+        output.mkdir(parents=True, exist_ok=True)
+        if ranks.distributed:
+            journal.close(remove=False)  # every rank, rank 0 included, appends to its own part
+        return {n: u["psnr"] for n, u in done.items()}
+
+    kept = ranks.broadcast(ranks.step("opening the run", open_ if ranks.rank == 0 else dict))
+    own = journal
+
+    def start_part() -> None:
+        nonlocal own
+        if not journal.is_journal():
+            raise RadioactiveError(f"cannot read the journal {journal.path} that rank 0 wrote: the output and the "
+                                   "record must be on a filesystem that every rank (every node) shares")
+        own = Journal(part_path(plan.record, ranks.rank), plan.identity)
+        own.start([])
+
+    if ranks.distributed:
+        ranks.step("starting its journal part", start_part)
+
+    def work() -> None:
+        """This rank's units; its journal (part) closed before the others are told it is done (shared filesystems
+        guarantee another node sees a file's content once its writer closed it)."""
+        bar = None
+        try:
+            total = sum(len(u.indices) for n, u in enumerate(plan.units) if ranks.owns(n))
+            bar = Progress(total, progress and ranks.rank == 0, metrics, ranks.rank, ranks.world_size)
+            with cpu_threads(config.threads):
+                _run_units(plan, key, kept, own, ranks, seed, config, ranks.device(device), strict, bar)
+        finally:
+            own.close(remove=False)
+            if bar is not None:
+                bar.close()
+
+    ranks.step("marking", work)
+    summary = ranks.step("writing the record", lambda: _merge(plan, t0) if ranks.rank == 0 else None)
+    return ranks.broadcast(summary)

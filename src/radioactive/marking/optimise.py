@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +54,12 @@ class MarkingConfig:
         augmentation: ``resized_crop`` (random resized crop + flip, with ``crop_scale``) or ``pad_crop``
             (zero-pad 4 px, random 32 px crop + flip: the usual CIFAR trainer's augmentation).
         views: augmented views per step whose objectives are averaged (expectation over transformations).
+        threads: CPU intra-op threads (``torch.set_num_threads``) of each process while ``mark_folder``
+            marks (restored afterwards). Part of the arithmetic: on this machine a run with 1 thread and one
+            with 2 or more differ in the last bit of some reductions, hence in a few 8-bit levels, while
+            2, 3, 4 and 8 threads agree (docs/distributed.md). Fixed, so that a run's bytes do not depend on
+            the number of cores or of processes (torchrun gives each process fewer cores); use more
+            processes (torchrun) rather than more threads to use more cores.
     """
 
     steps: int = 50
@@ -64,6 +72,7 @@ class MarkingConfig:
     crop_scale: tuple[float, float] = (0.5, 1.0)
     augmentation: str = "resized_crop"
     views: int = 1
+    threads: int = 1
 
     def __post_init__(self):
         if self.augmentation not in AUGMENTATIONS:
@@ -72,6 +81,8 @@ class MarkingConfig:
             raise RadioactiveError(f"views must be >= 1, got {self.views}")
         if not 1 <= self.linf <= 255:
             raise RadioactiveError(f"linf must be in 1..255 (8-bit levels), got {self.linf}")
+        if self.threads < 1:
+            raise RadioactiveError(f"threads must be >= 1, got {self.threads}")
         if self.steps < 0 or self.batch_size < 1 or self.round_every < 1:
             raise RadioactiveError("steps must be >= 0, batch_size and round_every >= 1")
         if self.lr <= 0 or self.lambda_img < 0 or self.lambda_ft < 0:
@@ -82,6 +93,17 @@ def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB between two uint8 images on the 0-255 scale; inf when identical."""
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+@contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op CPU threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def image_generator(seed: int, name: str) -> torch.Generator:

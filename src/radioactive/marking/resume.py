@@ -24,10 +24,17 @@ the first ``{"kind": "radioactive-mark-journal", "schema", "identity"}``, then o
 unit of work (a batch of marked images or a chunk of copies), appended, flushed and fsynced after the
 unit's files were written: ``{"unit", "files": [[base, rel, sha256], ...], ...}`` with whatever the
 record and the summary need. The journal is removed once the record is written.
+
+In a distributed run (:mod:`radioactive.marking.distributed`) rank 0 writes the journal's header (and the
+units kept by ``--resume``), and every rank appends the units it finishes to its own part,
+``<record>.rank<r>.partial``, with the same header. ``--resume`` reads the journal and every part, whatever
+the number of processes of the interrupted run and of this one (units do not depend on it), writes the
+verified units into a new journal and deletes the parts; rank 0 merges them into the record at the end.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -45,6 +52,16 @@ TEMP_PREFIX, TEMP_SUFFIX = ".radioactive-", ".partial"
 def journal_path(record: Path) -> Path:
     """The journal of the run that writes ``record``: ``<record>.partial`` beside it."""
     return record.with_name(record.name + TEMP_SUFFIX)
+
+
+def part_path(record: Path, rank: int) -> Path:
+    """Rank ``rank``'s part of the journal of a distributed run that writes ``record``: ``<record>.rank<r>.partial``."""
+    return record.with_name(f"{record.name}.rank{rank}{TEMP_SUFFIX}")
+
+
+def part_paths(record: Path) -> list[Path]:
+    """The journal parts beside ``record`` (of a run with any number of processes), sorted."""
+    return sorted(record.parent.glob(f"{glob.escape(record.name)}.rank*{TEMP_SUFFIX}"))
 
 
 def write_atomic(path: Path, data: bytes) -> str:
@@ -175,8 +192,11 @@ def verified(unit: dict, bases: dict[str, Path]) -> bool:
 
 
 def open_run(output: Path, private: Path, ours: set[str], journal: Journal, resume: bool, overwrite: bool,
-             bases: dict[str, Path]) -> dict[int, dict]:
+             bases: dict[str, Path], parts: list[Path] = ()) -> dict[int, dict]:
     """Apply the output folder rules (module docstring) and start the journal.
+
+    A distributed run's journal parts (``parts``) count as part of the journal: ``resume`` keeps their
+    verified units too; they are deleted once the new journal is written.
 
     Args:
         output: the released copy's folder.
@@ -185,6 +205,7 @@ def open_run(output: Path, private: Path, ours: set[str], journal: Journal, resu
         journal: this run's journal (its identity set, not started).
         resume, overwrite: the flags.
         bases: folder of each ``base`` name used in the journal's file lists.
+        parts: journal parts of an earlier distributed run (:func:`part_paths`).
 
     Returns:
         The interrupted run's finished and verified units, by number (empty for a fresh start).
@@ -207,17 +228,24 @@ def open_run(output: Path, private: Path, ours: set[str], journal: Journal, resu
         raise RadioactiveError(f"output folder {output} holds {len(f)} entries that `radioactive mark` does not write "
                                f"(e.g. {f[0].relative_to(output)}); move them away or choose another output folder")
     units: dict[int, dict] = {}
+    parts = [Journal(p, journal.identity) for p in parts]
     if resume and journal.path.exists():
-        units = {n: u for n, u in journal.read().items() if verified(u, bases)}
+        found = journal.read()
+        for part in parts:
+            found.update(part.read())
+        units = {n: u for n, u in found.items() if verified(u, bases)}
     elif resume and non_empty:
         raise RadioactiveError(f"nothing to resume in {output}: no journal {journal.path} (the run finished, or was "
                                "started by another command); pass --overwrite to start afresh")
-    elif journal.path.exists() and not journal.is_journal():
-        raise RadioactiveError(f"{journal.path} exists and is not a journal of `radioactive mark`; move it away")
+    for j in [journal, *parts]:
+        if j.path.exists() and not j.is_journal():
+            raise RadioactiveError(f"{j.path} exists and is not a journal of `radioactive mark`; move it away")
     for p in contents.temporary + scan_folder(private, set()).temporary:
         p.unlink()
     if overwrite:
         for p in contents.ours:
             p.unlink()
     journal.start([units[n] for n in sorted(units)])
+    for part in parts:
+        part.path.unlink()
     return units
