@@ -10,6 +10,7 @@ in docs/images.md; every file a command writes goes through
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -21,8 +22,10 @@ import stat
 import tarfile
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageCms, UnidentifiedImageError
@@ -430,16 +433,18 @@ def _write_error(path: Path, e: OSError) -> str:
     return f"cannot write {path}: {e.strerror or e}"
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder
-    and a rename, so that ``path`` is either its previous version or complete.
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file whose content becomes ``path`` when the block ends: written to a temporary file in the
+    same folder, fsynced and renamed, so that ``path`` is either its previous version or complete; for
+    content written piece by piece (a long record) without holding it in memory.
 
-    The file gets the usual permissions (0666 less the umask). On any failure
-    the temporary file is removed and a previous ``path`` is left as it was.
+    The file gets the usual permissions (0666 less the umask). If the block raises, the temporary file is
+    removed and a previous ``path`` is left as it was.
 
     Raises:
-        RadioactiveError: the folder cannot be created or written (permission
-            denied, read-only file system, disk full...); the message says which.
+        RadioactiveError: the folder cannot be created or written (permission denied, read-only file
+            system, disk full...); the message says which.
     """
     path = Path(path)
     tmp = None
@@ -451,7 +456,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files: give them the usual permissions
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -461,6 +466,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if isinstance(e, OSError):
             raise RadioactiveError(_write_error(path, e)) from e
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder
+    and a rename, so that ``path`` is either its previous version or complete
+    (see :func:`atomic_writer`).
+
+    Raises:
+        RadioactiveError: the folder cannot be created or written (permission
+            denied, read-only file system, disk full...); the message says which.
+    """
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def encode_png(image: np.ndarray, icc_profile: bytes | None = None) -> bytes:

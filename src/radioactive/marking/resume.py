@@ -38,10 +38,11 @@ import glob
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data import atomic_write_bytes, sha256_file
+from ..data import atomic_write_bytes, atomic_writer, sha256_file
 from ..errors import RadioactiveError
 
 JOURNAL_KIND = "radioactive-mark-journal"
@@ -141,35 +142,45 @@ class Journal:
         except (OSError, ValueError, AttributeError):
             return False
 
-    def read(self) -> dict[int, dict]:
-        """The finished units of the interrupted run, by unit number (a torn last line is dropped).
+    def units(self) -> Iterator[tuple[int, dict]]:
+        """(byte offset of its line, line) of every finished unit, in file order, read one line at a time;
+        a unit journaled twice appears twice (the later line wins); a torn last line is dropped.
 
         Raises:
             RadioactiveError: the file is not a journal, or its run's identity differs from this one's.
         """
         if not self.is_journal():
             raise RadioactiveError(f"{self.path} is not a journal of `radioactive mark`; move it away or pass --overwrite")
-        lines = self.path.read_text().splitlines()
-        old, new = _flat(json.loads(lines[0])["identity"]), _flat(self.identity)
-        diffs = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-        if diffs:
-            raise RadioactiveError(
-                f"cannot resume: the interrupted run ({self.path}) used other arguments or inputs "
-                f"({', '.join(diffs)}); re-run it with its own arguments, or pass --overwrite to start afresh"
-            )
-        units = {}
-        for ln in lines[1:]:
-            try:
-                u = json.loads(ln)
-            except ValueError:  # torn by a kill mid-append: that unit is redone
-                break
-            units[u["unit"]] = u
-        return units
+        with open(self.path, "rb") as f:
+            old, new = _flat(json.loads(f.readline())["identity"]), _flat(self.identity)
+            diffs = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+            if diffs:
+                raise RadioactiveError(
+                    f"cannot resume: the interrupted run ({self.path}) used other arguments or inputs "
+                    f"({', '.join(diffs)}); re-run it with its own arguments, or pass --overwrite to start afresh"
+                )
+            while True:
+                pos, ln = f.tell(), f.readline()
+                try:
+                    u = json.loads(ln)
+                except ValueError:  # the end, or a line torn by a kill mid-append: that unit is redone
+                    return
+                yield pos, u
 
-    def start(self, kept: list[dict]) -> None:
+    def read(self) -> dict[int, dict]:
+        """The finished units of the interrupted run, by unit number (a torn last line is dropped).
+
+        Raises:
+            RadioactiveError: the file is not a journal, or its run's identity differs from this one's.
+        """
+        return {u["unit"]: u for _, u in self.units()}
+
+    def start(self, kept: Iterable[dict]) -> None:
         """Write the header and the ``kept`` units atomically (replacing any older journal), then open for appends."""
-        text = "\n".join([self._header()] + [json.dumps(u) for u in kept]) + "\n"
-        atomic_write_bytes(self.path, text.encode())
+        with atomic_writer(self.path) as f:
+            f.write((self._header() + "\n").encode())
+            for u in kept:
+                f.write((json.dumps(u) + "\n").encode())
         self._f = open(self.path, "a")  # noqa: SIM115 (kept open for the run's appends; closed by close())
 
     def append(self, unit: dict) -> None:
