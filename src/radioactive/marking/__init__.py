@@ -1,21 +1,11 @@
-"""Marking: the per-image optimisation (:mod:`.optimise`), folder marking (:mod:`.folder`), its safe,
-resumable writing (:mod:`.resume`), its spreading over torchrun processes (:mod:`.distributed`) and its
+"""Marking: the per-image optimisation (:mod:`.optimise`), folder marking (:mod:`.folder`, planned by
+:mod:`.plan`), its safe, resumable writing (:mod:`.resume`), its spreading over torchrun processes (:mod:`.distributed`) and its
 progress bar and metrics (:mod:`.progress`)."""
 
 from .distributed import Ranks, from_env
-from .folder import (
-    COPY_CHUNK,
-    RECORD_SCHEMA,
-    MarkSummary,
-    Unit,
-    check_output_dir,
-    mark_folder,
-    output_name,
-    plan_units,
-    select_holdout,
-    select_marked,
-)
+from .folder import MarkSummary, mark_folder
 from .optimise import MarkingConfig, image_generator, mark_batch, psnr_db
+from .plan import COPY_CHUNK, RECORD_SCHEMA, Unit, check_output_dir, output_name, plan_units, select_holdout, select_marked
 
 __all__ = [
     "COPY_CHUNK", "RECORD_SCHEMA", "MarkSummary", "MarkingConfig", "Ranks", "Unit", "check_output_dir", "from_env",

@@ -5,7 +5,7 @@
 into one process group (gloo for CPU marking, nccl for CUDA, each rank on ``cuda:LOCAL_RANK``) only
 when those variables are set and ``WORLD_SIZE > 1``; otherwise it returns :data:`SINGLE`.
 
-A run's fixed units (:func:`radioactive.marking.folder.plan_units`) are dealt out round-robin: unit n
+A run's fixed units (:func:`radioactive.marking.plan.plan_units`) are dealt out round-robin: unit n
 goes to rank ``n % WORLD_SIZE``. Since a unit's bytes depend only on the unit (its images, seeds and
 batch composition) and on the CPU thread count (``MarkingConfig.threads``, the same in every process),
 the released copy and record equal a single-process run's byte for byte. Every rank journals its units

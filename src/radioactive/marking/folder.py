@@ -1,7 +1,8 @@
-"""Folder marking: choose the marked images, mark them in fixed batches, write the released copy and the record.
+"""Folder marking: mark the planned units in fixed batches, write the released copy and the record.
 
-A run is cut into fixed units (:func:`plan_units`) that are journaled as they finish
-(:mod:`radioactive.marking.resume`), so a killed run resumes to the same bytes.
+A run is planned (:mod:`radioactive.marking.plan`: which images, which fixed units), and its units are
+journaled as they finish (:mod:`radioactive.marking.resume`), so a killed run resumes to the same bytes; under
+torchrun the units are shared among the ranks (:mod:`radioactive.marking.distributed`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import hashlib
 import json
 import math
 import time
@@ -21,17 +21,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import __version__
-from ..data import ImageFolder, atomic_writer, display_size, encode_png, list_image_folder, read_image
+from ..data import atomic_writer, encode_png, read_image
 from ..errors import RadioactiveError
 from ..keys import Key
 from ..networks import load_marking_network
 from .distributed import SINGLE, Ranks
 from .optimise import MarkingConfig, cpu_threads, image_generator, mark_batch, psnr_db
+from .plan import (  # noqa: F401 (re-exported: the public names of folder marking)
+    COPY_CHUNK,
+    RECORD_SCHEMA,
+    RunPlan,
+    Unit,
+    check_output_dir,
+    output_name,
+    plan_run,
+    plan_units,
+    select_holdout,
+    select_marked,
+    select_withheld,
+)
 from .progress import Progress
 from .resume import Journal, journal_path, open_run, part_path, part_paths, write_atomic
-
-RECORD_SCHEMA = 1
 
 
 @dataclass
@@ -76,124 +86,6 @@ class MarkSummary:
         return asdict(self)
 
 
-def select_marked(folder: ImageFolder, fraction: float, seed: int) -> list[int]:
-    """Choose round(fraction x n_k) images of every class k, uniformly at random (seeded)."""
-    if not 0 < fraction <= 1:
-        raise RadioactiveError(f"marked fraction must be in (0, 1], got {fraction}")
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(folder.labels)
-    chosen = []
-    for k in range(len(folder.classes)):
-        idx = np.flatnonzero(labels == k)
-        n = int(round(fraction * len(idx)))
-        chosen.extend(rng.choice(idx, size=n, replace=False).tolist())
-    return sorted(chosen)
-
-
-def select_holdout(folder: ImageFolder, fraction: float, seed: int, exclude: set[int]) -> list[int]:
-    """Choose round(fraction x n_k) images of every class among those not in ``exclude`` (seeded, independent
-    of the marked selection's draws)."""
-    if not 0 <= fraction < 1:
-        raise RadioactiveError(f"holdout fraction must be in [0, 1), got {fraction}")
-    rng = np.random.default_rng([seed, 1])
-    labels = np.asarray(folder.labels)
-    chosen = []
-    for k in range(len(folder.classes)):
-        all_k = np.flatnonzero(labels == k)
-        idx = np.array([i for i in all_k if i not in exclude], dtype=np.int64)
-        n = min(int(round(fraction * len(all_k))), len(idx))
-        chosen.extend(rng.choice(idx, size=n, replace=False).tolist())
-    return sorted(chosen)
-
-
-def select_withheld(folder: ImageFolder, fraction: float, seed: int, exclude: set[int]) -> list[int]:
-    """Choose round(fraction x n_k) images of every class among those not in ``exclude``, uniformly at random
-    (seeded, a stream of its own): they are left out of the released copy (the membership test's control)."""
-    if not 0 <= fraction < 1:
-        raise RadioactiveError(f"withheld fraction must be in [0, 1), got {fraction}")
-    rng = np.random.default_rng([seed, 2])
-    labels = np.asarray(folder.labels)
-    chosen = []
-    for k in range(len(folder.classes)):
-        all_k = np.flatnonzero(labels == k)
-        idx = np.array([i for i in all_k if i not in exclude], dtype=np.int64)
-        n = min(int(round(fraction * len(all_k))), len(idx))
-        chosen.extend(rng.choice(idx, size=n, replace=False).tolist())
-    return sorted(chosen)
-
-
-def output_name(rel: str) -> str:
-    """Relative path of an image in the released copy: same folders and stem, ``.png``."""
-    return str(Path(rel).with_suffix(".png").as_posix())
-
-
-def check_output_dir(source: Path, output: Path) -> None:
-    """Refuse an output folder equal to or inside the source folder (the source is never written to)."""
-    src, out = source.resolve(), output.resolve()
-    if out == src or src in out.parents:
-        raise RadioactiveError(f"output folder {output} is inside the source folder {source}; choose another place")
-
-
-COPY_CHUNK = 256  # unmarked images written, and journaled, together
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One resumable unit of a folder run: images (indices into the folder) and what is done to them.
-
-    Attributes:
-        kind: ``unreadable`` (copied unchanged), ``mark`` (marked and released), ``holdout`` (marked and
-            kept private), ``copy`` (released unmarked).
-        indices: the images, in folder order.
-    """
-
-    kind: str
-    indices: tuple[int, ...]
-
-
-def plan_units(folder: ImageFolder, chosen: list[int], holdout: list[int], batch_size: int,
-               unreadable: dict[int, str], withheld: list[int] = ()) -> list[Unit]:
-    """The fixed partition of a run into units, the same in every run on the same inputs.
-
-    Marked images are grouped by displayed size (sizes in order of first appearance) and cut into chunks of
-    ``batch_size`` in folder order: a mark depends on its batch's composition in the last bit (floating point),
-    so a resumed run must redo exactly the batches of an uninterrupted one to write the same bytes. Images
-    whose header cannot be read are added to ``unreadable`` (index -> reason) and form the first unit.
-    """
-    units = []
-    for kind, group in (("mark", chosen), ("holdout", holdout)):
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for i in group:
-            try:
-                by_size.setdefault(display_size(folder.path(i)), []).append(i)
-            except RadioactiveError as e:
-                unreadable[i] = str(e)
-        units += [Unit(kind, tuple(idx[s:s + batch_size])) for idx in by_size.values()
-                  for s in range(0, len(idx), batch_size)]
-    if unreadable:
-        units.insert(0, Unit("unreadable", tuple(sorted(unreadable))))
-    marked = set(chosen) | set(withheld)
-    rest = [i for i in range(len(folder)) if i not in marked and i not in unreadable]
-    return units + [Unit("copy", tuple(rest[s:s + COPY_CHUNK])) for s in range(0, len(rest), COPY_CHUNK)]
-
-
-def _names(classes) -> str:
-    return ", ".join(list(classes)[:5]) + (", ..." if len(classes) > 5 else "")
-
-
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()
-
-
-def _digest_items(items) -> str:
-    """``_digest(list(items))`` without the list: the items' JSON fed to the hash one by one."""
-    h = hashlib.sha256(b"[")
-    for n, x in enumerate(items):
-        h.update((", " if n else "").encode() + json.dumps(x).encode())
-    h.update(b"]")
-    return h.hexdigest()
-
-
 @functools.cache
 def _heap_trimmer() -> Callable[[], object]:
     """glibc's ``malloc_trim(0)``, or a no-op where there is none (macOS, musl)."""
@@ -205,84 +97,7 @@ def _heap_trimmer() -> Callable[[], object]:
     return lambda: trim(0)
 
 
-@dataclass
-class _Plan:
-    """Everything a run decides before it writes: the same on every rank."""
-
-    folder: ImageFolder
-    output: Path
-    record: Path
-    holdout_dir: Path
-    units: list[Unit]
-    unreadable: dict[int, str]
-    withheld: list[int]
-    header: dict
-    identity: dict
-
-    @property
-    def bases(self) -> dict[str, Path]:
-        return {"output": self.output, "holdout": self.holdout_dir}
-
-
-def _plan(source: Path, key: Key, output: Path, record: Path | None, fraction: float | None, files: list[str] | None,
-          seed: int, config: MarkingConfig, device: str, holdout_fraction: float, withhold_fraction: float,
-          strict: bool) -> _Plan:
-    """Check the arguments and inputs and cut the run into units (see :func:`mark_folder`)."""
-    folder = list_image_folder(source)
-    if tuple(folder.classes) != tuple(key.classes):
-        raise RadioactiveError(
-            f"the classes of {source} ({len(folder.classes)}: {_names(folder.classes)}) differ from the key's "
-            f"({len(key.classes)}: {_names(key.classes)}); "
-            "make the key with `radioactive keygen --data` on this folder"
-        )
-    check_output_dir(source, output)
-    record = Path(record) if record else output.parent / f"{output.name}.record.jsonl"
-    if record.resolve().is_relative_to(output.resolve()):
-        raise RadioactiveError("the private record must be written outside the released copy")
-    if record.resolve().is_relative_to(source.resolve()):
-        raise RadioactiveError("the private record must be written outside the source folder")
-    names: dict[str, str] = {}
-    for rel in folder.files:
-        other = names.setdefault(output_name(rel).lower(), rel)
-        if other != rel:
-            raise RadioactiveError(f"{other} and {rel} would both be written as {output_name(rel)}; rename one")
-    del names
-    if (fraction is None) == (files is None):
-        raise RadioactiveError("give either a marked fraction or a list of files to mark")
-    if files is not None:
-        index = {f: i for i, f in enumerate(folder.files)}
-        unknown = [f for f in files if f not in index]
-        if unknown:
-            raise RadioactiveError(f"{len(unknown)} listed files are not images of {source}, e.g. {unknown[0]}")
-        chosen = sorted({index[f] for f in files})
-    else:
-        chosen = select_marked(folder, fraction, seed)
-    holdout = select_holdout(folder, holdout_fraction, seed, set(chosen)) if holdout_fraction else []
-    withheld = (select_withheld(folder, withhold_fraction, seed, set(chosen) | set(holdout))
-                if withhold_fraction else [])
-    holdout_dir = record.parent / f"{record.stem}.holdout"
-    unreadable: dict[int, str] = {}
-    units = plan_units(folder, chosen, holdout, config.batch_size, unreadable, withheld)
-    if strict and unreadable:
-        i = min(unreadable)
-        raise RadioactiveError(f"{folder.files[i]} cannot be used ({unreadable[i]}); --strict turns skips into failures")
-    header = {
-        "kind": "radioactive-record", "schema": RECORD_SCHEMA, "package_version": __version__,
-        "key_fingerprint": key.fingerprint, "classes": list(key.classes), "source": str(source.resolve()), "output": str(output.resolve()),
-        "holdout": str(holdout_dir.resolve()) if holdout else None, "holdout_fraction": holdout_fraction,
-        "fraction": fraction, "seed": seed, "config": asdict(config),
-    }
-    if withheld:
-        header["withhold_fraction"] = withhold_fraction
-    stats = ((f, st.st_size, st.st_mtime_ns) for f, st in ((f, (source / f).stat()) for f in folder.files))
-    identity = {**header, "record": str(record.resolve()), "device": torch.device(device).type, "strict": strict,
-                "marked_files": _digest([folder.files[i] for i in chosen]),
-                "holdout_files": _digest([folder.files[i] for i in holdout]), "source_files": _digest_items(stats),
-                "withheld_files": _digest([folder.files[i] for i in withheld])}
-    return _Plan(folder, output, record, holdout_dir, units, unreadable, withheld, header, identity)
-
-
-def _run_units(plan: _Plan, key: Key, kept: dict[int, list], journal: Journal, ranks: Ranks, seed: int,
+def _run_units(plan: RunPlan, key: Key, kept: dict[int, list], journal: Journal, ranks: Ranks, seed: int,
                config: MarkingConfig, device: str, strict: bool, progress: Progress) -> None:
     """Do this rank's units not in ``kept`` (unit -> PSNRs of a kept unit), journaling each as it finishes."""
     folder, units, bases = plan.folder, plan.units, plan.bases
@@ -359,7 +174,7 @@ def _run_units(plan: _Plan, key: Key, kept: dict[int, list], journal: Journal, r
         _heap_trimmer()()
 
 
-def _merge(plan: _Plan, t0: float) -> MarkSummary:
+def _merge(plan: RunPlan, t0: float) -> MarkSummary:
     """Rank 0, once every rank is done: write the record from the journal and its parts, and sum up.
 
     Streams: the journal files are indexed (unit -> line offset) and each unit's line read back in unit
@@ -476,7 +291,7 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
     """
     t0 = time.time()
     source, output = Path(source), Path(output)
-    plan = ranks.step("checking the inputs", lambda: _plan(
+    plan = ranks.step("checking the inputs", lambda: plan_run(
         source, key, output, record, fraction, files, seed, config, device, holdout_fraction, withhold_fraction, strict))
     journal = Journal(journal_path(plan.record), plan.identity)
 
