@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="cpu",
                    help="torch device (cpu, cuda); under torchrun, each process uses cuda:LOCAL_RANK")
     m.add_argument("--threads", type=_positive_int, default=MC.threads,
-                   help="CPU threads per process while marking; part of the arithmetic (runs with 1 thread and with "
-                        "more differ in a few 8-bit levels): keep it fixed, use torchrun processes for more cores")
+                   help="CPU threads per process while marking (default: torch's count, at least 2); part of the "
+                        "arithmetic: 1 thread and 2 or more differ in a few 8-bit levels, 2, 3, 4 and 8 agree")
     m.add_argument("--metrics", type=Path, default=None,
                    help="append one JSON line per finished unit (images done, images/s, running PSNR) to this file; "
                         "under torchrun, rank r > 0 writes <stem>.rank<r><suffix>")

@@ -55,11 +55,11 @@ class MarkingConfig:
             (zero-pad 4 px, random 32 px crop + flip: the usual CIFAR trainer's augmentation).
         views: augmented views per step whose objectives are averaged (expectation over transformations).
         threads: CPU intra-op threads (``torch.set_num_threads``) of each process while ``mark_folder``
-            marks (restored afterwards). Part of the arithmetic: on this machine a run with 1 thread and one
-            with 2 or more differ in the last bit of some reductions, hence in a few 8-bit levels, while
-            2, 3, 4 and 8 threads agree (docs/distributed.md). Fixed, so that a run's bytes do not depend on
-            the number of cores or of processes (torchrun gives each process fewer cores); use more
-            processes (torchrun) rather than more threads to use more cores.
+            marks (restored afterwards); None (default): torch's count, at least 2. Part of the arithmetic:
+            on this machine a run with 1 thread and one with 2 or more differ in the last bit of some
+            reductions, hence in a few 8-bit levels, while 2, 3, 4 and 8 threads agree (docs/distributed.md).
+            So the default never uses 1 thread (torchrun gives each worker 1): a run's bytes do not depend on
+            the number of cores or of processes.
     """
 
     steps: int = 50
@@ -72,7 +72,7 @@ class MarkingConfig:
     crop_scale: tuple[float, float] = (0.5, 1.0)
     augmentation: str = "resized_crop"
     views: int = 1
-    threads: int = 1
+    threads: int | None = None
 
     def __post_init__(self):
         if self.augmentation not in AUGMENTATIONS:
@@ -81,7 +81,7 @@ class MarkingConfig:
             raise RadioactiveError(f"views must be >= 1, got {self.views}")
         if not 1 <= self.linf <= 255:
             raise RadioactiveError(f"linf must be in 1..255 (8-bit levels), got {self.linf}")
-        if self.threads < 1:
+        if self.threads is not None and self.threads < 1:
             raise RadioactiveError(f"threads must be >= 1, got {self.threads}")
         if self.steps < 0 or self.batch_size < 1 or self.round_every < 1:
             raise RadioactiveError("steps must be >= 0, batch_size and round_every >= 1")
@@ -96,10 +96,11 @@ def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @contextmanager
-def cpu_threads(n: int) -> Iterator[None]:
-    """Run the block with ``n`` torch intra-op CPU threads, then restore the previous count."""
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op CPU threads (None: the current count, at least 2), then
+    restore the previous count."""
     before = torch.get_num_threads()
-    torch.set_num_threads(n)
+    torch.set_num_threads(max(2, before) if n is None else n)
     try:
         yield
     finally:
