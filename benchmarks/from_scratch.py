@@ -53,6 +53,8 @@ def main(argv=None) -> int:
                    help="marking network saved by `radioactive train` (in-domain); default EfficientNet-Lite0 at 64 px")
     p.add_argument("--augment", default=MarkingConfig.augmentation, help="marking augmentation: resized_crop or pad_crop")
     p.add_argument("--views", type=int, default=MarkingConfig.views, help="augmented views per marking step")
+    p.add_argument("--control-seed", type=int, default=None,
+                   help="training seed of the vanilla control (default: the suspect's); an existing control is reused")
     p.add_argument("--train-seed", type=int, default=None, help="seed of the suspect's and control's training (default --seed)")
     p.add_argument("--withhold", type=float, default=0.0,
                    help="share of each class's unmarked images left out of the release (membership test)")
@@ -63,7 +65,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     cell = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()
-            if k not in ("workdir", "results", "device") and not (k in ("marker", "train_seed") and v is None)
+            if k not in ("workdir", "results", "device") and not (k in ("marker", "train_seed", "control_seed") and v is None)
             and not (k == "augment" and v == MarkingConfig.augmentation) and not (k == "views" and v == 1)
             and not (k == "withhold" and not v)}
     cell_id = hashlib.sha256(json.dumps(cell, sort_keys=True).encode()).hexdigest()[:12]
@@ -134,6 +136,8 @@ def main(argv=None) -> int:
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 dst.symlink_to(f.resolve())
     for name, tdir in (("suspect", released), ("control", train_dir)):
+        if name == "control" and a.control_seed is not None:
+            tcfg = replace(tcfg, seed=a.control_seed)
         tag = f"{name}-{mark_id if name == 'suspect' else 'vanilla'}-{a.arch}-{a.epochs}-{a.lr}-{tcfg.seed}"
         if a.withhold and name == "suspect":
             tag += f"-w{a.withhold}"
