@@ -493,6 +493,31 @@ def controls_summary(done: dict) -> dict | None:
             "ks_pvalue_decoy_rank": float(stats.kstest(pe, "uniform").pvalue)}
 
 
+def null_check(cells: dict[str, Cell], done: dict, work: Path, num_keys: int) -> dict:
+    """Fresh random keys against every finished control's classifier (``detection.decoy_log10_pvalues``).
+
+    For a linear suspect on the marking network's own features the alignment is the identity, so the
+    pulled-back classifier is the head's weight itself and no image needs to be read.
+    """
+    from safetensors.numpy import load_file
+    from scipy import stats
+
+    from radioactive.detection import decoy_log10_pvalues
+
+    logp = []
+    for c in cells.values():
+        if c.study != "controls" or c.id not in done:
+            continue
+        data = cell_data(c, work)
+        weights, _, _ = get_model(c, data["train_full"], data["test"], work, "cpu")
+        w = load_file(str(weights))["weight"].astype(np.float64)
+        logp.append(decoy_log10_pvalues(w, num_keys, seed=c.key_seed + 1))
+    p = 10 ** np.concatenate(logp)
+    return {"models": len(logp), "keys_per_model": num_keys, "ks_pvalue": float(stats.kstest(p, "uniform").pvalue),
+            "fpr_0.05": float((p < 0.05).mean()), "fpr_0.01": float((p < 0.01).mean()),
+            "fpr_0.001": float((p < 0.001).mean()), "min_p": float(p.min())}
+
+
 def print_list(cells: dict[str, Cell], done: dict) -> None:
     print(f"{'cell':24} {'study':11} {'setting':10} {'q':>5} {'status':16} {'log10 p':>8} {'black-box':>9}  command")
     for c in cells.values():
@@ -605,6 +630,10 @@ def plots(done: dict, figures: Path) -> list[Path]:
             q, a, a0 = zip(*pts)
             ax.plot(q, a, "o-", label=f"{setting}: suspect")
             ax.plot(q, a0, "k:", label=f"{setting}: vanilla control")
+    ctl_acc = [100 * r["accuracy"] for r in rows if r["study"] == "controls"]
+    if ctl_acc:
+        ax.axhspan(min(ctl_acc), max(ctl_acc), color="grey", alpha=0.2,
+                   label=f"linear vanilla, {len(ctl_acc)} training seeds (range)")
     ax.set_xlabel("marked fraction q (%)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Accuracy cost of marking")
@@ -673,6 +702,8 @@ def main(argv=None) -> int:
     p.add_argument("--include-gpu", action="store_true", help="with --study/--all: also the cells marked needs GPU")
     p.add_argument("--plots", action="store_true", help="regenerate the figures from the results file")
     p.add_argument("--markdown", action="store_true", help="print the per-study tables")
+    p.add_argument("--null-check", type=int, default=0, metavar="KEYS",
+                   help="score KEYS fresh random keys against every finished control model; print KS and FPR")
     p.add_argument("--stop-after-min", type=float, default=None,
                    help="start no new cell after this many minutes (finished cells are kept)")
     p.add_argument("--device", default="cpu")
@@ -697,6 +728,8 @@ def main(argv=None) -> int:
         print_list(cells, done)
     if a.markdown:
         print(markdown(cells, done))
+    if a.null_check:
+        print(json.dumps(null_check(cells, done, a.workdir, a.null_check)))
     todo: list[Cell] = []
     for cid in a.cell:
         if cid not in cells:
@@ -733,7 +766,7 @@ def main(argv=None) -> int:
     if a.plots:
         for f in plots(read_results(a.results), a.figures):
             print(f"wrote {f}")
-    if not (a.list or a.markdown or a.plots or todo):
+    if not (a.list or a.markdown or a.plots or a.null_check or todo):
         p.print_help()
     return 0
 
