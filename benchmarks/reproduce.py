@@ -38,7 +38,7 @@ import shutil
 import tarfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -292,6 +292,10 @@ def marking_config(c: Cell):
     from radioactive.marking import MarkingConfig
 
     cfg = replace(MarkingConfig(), linf=c.linf, lambda_img=c.lambda_img)
+    if "threads" in {f.name for f in fields(MarkingConfig)}:
+        # the recorded cells were marked on 1 CPU thread; the thread count changes the last bit of the
+        # optimisation (docs/distributed.md), so reruns pin it
+        cfg = replace(cfg, threads=1)
     if c.marker != "default":
         cfg = replace(cfg, augmentation="pad_crop")
     return cfg
