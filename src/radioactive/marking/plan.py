@@ -37,12 +37,11 @@ def select_marked(folder: ImageFolder, fraction: float, seed: int) -> list[int]:
     return sorted(chosen)
 
 
-def select_holdout(folder: ImageFolder, fraction: float, seed: int, exclude: set[int]) -> list[int]:
-    """Choose round(fraction x n_k) images of every class among those not in ``exclude`` (seeded, independent
-    of the marked selection's draws)."""
+def _select_among(folder: ImageFolder, fraction: float, rng: np.random.Generator, exclude: set[int],
+                  what: str) -> list[int]:
+    """round(fraction x n_k) images of every class k, uniformly among those not in ``exclude``."""
     if not 0 <= fraction < 1:
-        raise RadioactiveError(f"holdout fraction must be in [0, 1), got {fraction}")
-    rng = np.random.default_rng([seed, 1])
+        raise RadioactiveError(f"{what} fraction must be in [0, 1), got {fraction}")
     labels = np.asarray(folder.labels)
     chosen = []
     for k in range(len(folder.classes)):
@@ -51,22 +50,18 @@ def select_holdout(folder: ImageFolder, fraction: float, seed: int, exclude: set
         n = min(int(round(fraction * len(all_k))), len(idx))
         chosen.extend(rng.choice(idx, size=n, replace=False).tolist())
     return sorted(chosen)
+
+
+def select_holdout(folder: ImageFolder, fraction: float, seed: int, exclude: set[int]) -> list[int]:
+    """Choose round(fraction x n_k) images of every class among those not in ``exclude`` (seeded, independent
+    of the marked selection's draws)."""
+    return _select_among(folder, fraction, np.random.default_rng([seed, 1]), exclude, "holdout")
 
 
 def select_withheld(folder: ImageFolder, fraction: float, seed: int, exclude: set[int]) -> list[int]:
     """Choose round(fraction x n_k) images of every class among those not in ``exclude``, uniformly at random
     (seeded, a stream of its own): they are left out of the released copy (the membership test's control)."""
-    if not 0 <= fraction < 1:
-        raise RadioactiveError(f"withheld fraction must be in [0, 1), got {fraction}")
-    rng = np.random.default_rng([seed, 2])
-    labels = np.asarray(folder.labels)
-    chosen = []
-    for k in range(len(folder.classes)):
-        all_k = np.flatnonzero(labels == k)
-        idx = np.array([i for i in all_k if i not in exclude], dtype=np.int64)
-        n = min(int(round(fraction * len(all_k))), len(idx))
-        chosen.extend(rng.choice(idx, size=n, replace=False).tolist())
-    return sorted(chosen)
+    return _select_among(folder, fraction, np.random.default_rng([seed, 2]), exclude, "withheld")
 
 
 def output_name(rel: str) -> str:
