@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .data import OUTPUT_FORMATS, OutputFormat
 from .errors import RadioactiveError
 from .marking import MarkingConfig
 from .networks import MarkingNetworkSpec
@@ -43,6 +44,7 @@ _nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 _linf = _number(int, lambda v: 1 <= v <= 255, "an L-infinity radius in 1..255 (8-bit levels)")
 _positive_float = _number(float, lambda v: v > 0, "a positive number")
 _nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
+_quality = _number(int, lambda v: 1 <= v <= 100, "an encoder quality in 1..100")
 _alpha = _number(float, lambda v: 0 < v < 1, "a significance level in (0, 1)")
 
 
@@ -136,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="append one JSON line per finished unit (images done, images/s, running PSNR) to this file; "
                         "under torchrun, rank r > 0 writes <stem>.rank<r><suffix>")
     m.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
+    m.add_argument("--output-format", choices=tuple(OUTPUT_FORMATS), default="png",
+                   help="encoding of every released image, marked or not; jpeg and webp are lossy, weaken the mark "
+                        "and need --allow-lossy (the share of the mark that survives is then measured and printed)")
+    m.add_argument("--quality", type=_quality, default=OutputFormat().quality,
+                   help="encoder quality of a lossy --output-format, 1..100")
+    m.add_argument("--allow-lossy", action="store_true", help="consent to a lossy --output-format")
 
     t = _sub(subs, "train", "train a suspect with a reference recipe (plays the trainer)",
              "radioactive train --recipe linear --train released/ --test test/ --output suspect.safetensors")
@@ -248,6 +256,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         cfg = MarkingConfig(steps=args.steps, lr=args.lr, linf=args.linf, lambda_img=args.lambda_img,
                             lambda_ft=args.lambda_ft, batch_size=args.batch_size, augmentation=args.augmentation,
                             views=args.views, threads=args.threads)
+        if args.output_format != "png" and not args.allow_lossy:
+            parser.error(f"--output-format {args.output_format} is lossy and weakens the mark; add --allow-lossy to "
+                         "accept that (the share of the mark that survives is then measured), or keep png")
+        fmt = OutputFormat(args.output_format, args.quality, allow_lossy=args.allow_lossy)
         files = None
         if args.files is not None:
             files = [ln.strip() for ln in args.files.read_text().splitlines() if ln.strip()]
@@ -257,7 +269,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                                   fraction=args.fraction, files=files, seed=args.seed, config=cfg,
                                   overwrite=args.overwrite, resume=args.resume, progress=sys.stderr.isatty(),
                                   device=args.device, holdout_fraction=args.holdout_fraction, strict=args.strict,
-                                  withhold_fraction=args.withhold_fraction, metrics=args.metrics, ranks=ranks)
+                                  withhold_fraction=args.withhold_fraction, metrics=args.metrics, ranks=ranks,
+                                  output_format=fmt)
         except RadioactiveError:
             if ranks.rank != 0:  # every rank fails alike; rank 0 says why, once
                 raise SystemExit(1) from None
@@ -273,6 +286,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
               f"{f'{summary.num_withheld} withheld (not released), ' if summary.num_withheld else ''}"
               f"{summary.num_skipped} skipped, {len(summary.ignored)} ignored (not images); "
               f"PSNR {summary.psnr_db_mean or float('nan'):.2f} dB", file=sys.stderr)
+        if summary.mark_survival is not None:
+            print(f"lossy output ({summary.output_format}): the released marked images keep "
+                  f"{100 * summary.mark_survival:.1f} % of the mark's feature shift along the carrier "
+                  f"({summary.carrier_shift_mean:.4f} of {summary.carrier_shift_lossless_mean:.4f}, mean over "
+                  f"{summary.num_marked} images, marking network, centre view); a lossless png keeps 100 %",
+                  file=sys.stderr)
         _emit(summary.to_dict())
     elif args.command == "train":
         from .training import default_lr, train

@@ -503,6 +503,82 @@ def encode_png(image: np.ndarray, icc_profile: bytes | None = None) -> bytes:
     return buf.getvalue()
 
 
+OUTPUT_FORMATS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+"""Formats of a released copy and their file suffix; ``png`` is the only lossless one and the default."""
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """How every image of a released copy is encoded, marked or not (same settings, no metadata but ICC).
+
+    ``png`` (default) is lossless: the released pixels are the marked pixels. ``jpeg`` and ``webp`` are
+    lossy: compression removes part of the perturbation that carries the mark (docs/images.md, "Lossy
+    output"; JPEG 75 on the released PNGs cut the linear-setting log10 p from -10.3 to -1.7,
+    docs/results.md), so they are refused unless ``allow_lossy`` is set, and ``mark_folder`` then measures
+    how much of the mark survives.
+
+    Attributes:
+        format: ``png``, ``jpeg`` (baseline, Pillow's 4:2:0 chroma subsampling) or ``webp`` (lossy).
+        quality: encoder quality of the lossy formats, 1..100 (Pillow's scale); ignored for ``png``.
+        allow_lossy: the caller's explicit consent to a lossy format.
+
+    Raises:
+        RadioactiveError: unknown format, quality outside 1..100, lossy format without ``allow_lossy``.
+    """
+
+    format: str = "png"
+    quality: int = 90
+    allow_lossy: bool = False
+
+    def __post_init__(self):
+        if self.format not in OUTPUT_FORMATS:
+            raise RadioactiveError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {self.format!r}")
+        if not (isinstance(self.quality, int) and 1 <= self.quality <= 100):
+            raise RadioactiveError(f"output quality must be an integer in 1..100, got {self.quality!r}")
+        if self.lossy and not self.allow_lossy:
+            raise RadioactiveError(
+                f"{self.format} output is lossy and weakens the mark (JPEG 75 took the linear-setting log10 p from "
+                "-10.3 to -1.7); ask for it explicitly (--allow-lossy, OutputFormat(allow_lossy=True)) or keep png")
+
+    @property
+    def lossy(self) -> bool:
+        return self.format != "png"
+
+    @property
+    def suffix(self) -> str:
+        return OUTPUT_FORMATS[self.format]
+
+    def describe(self) -> str:
+        """``png`` or e.g. ``jpeg q90``."""
+        return f"{self.format} q{self.quality}" if self.lossy else self.format
+
+    def to_dict(self) -> dict:
+        return {"format": self.format, "quality": self.quality} if self.lossy else {"format": self.format}
+
+    def encode(self, image: np.ndarray, icc_profile: bytes | None = None) -> bytes:
+        """Encode (H, W, 3) uint8 RGB with no metadata but its ICC profile (see :func:`encode_png`).
+
+        Raises:
+            ValueError: ``image`` is not (H, W, 3) uint8.
+        """
+        if self.format == "png":
+            return encode_png(image, icc_profile)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {image.shape} {image.dtype}")
+        buf = io.BytesIO()
+        extra = {"icc_profile": icc_profile} if icc_profile else {}
+        if self.format == "jpeg":
+            Image.fromarray(image, "RGB").save(buf, format="JPEG", quality=self.quality, **extra)
+        else:
+            Image.fromarray(image, "RGB").save(buf, format="WEBP", quality=self.quality, method=4, **extra)
+        return buf.getvalue()
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """The (H, W, 3) uint8 RGB pixels a reader gets from :meth:`encode`'s bytes (ICC profile not applied)."""
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB"))
+
+
 # ----------------------------------------------------------------------------- built-in data
 
 

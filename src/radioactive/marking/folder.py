@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import atomic_writer, encode_png, read_image
+from ..data import OUTPUT_FORMATS, OutputFormat, atomic_writer, read_image
 from ..errors import RadioactiveError
 from ..keys import Key
 from ..networks import load_marking_network
 from .distributed import SINGLE, Ranks
-from .optimise import MarkingConfig, cpu_threads, image_generator, mark_batch, psnr_db
+from .optimise import MarkingConfig, carrier_shifts, cpu_threads, image_generator, mark_batch, psnr_db
 from .plan import (  # noqa: F401 (re-exported: the public names of folder marking)
     COPY_CHUNK,
     RECORD_SCHEMA,
@@ -65,6 +65,12 @@ class MarkSummary:
         psnr_db_mean, psnr_db_p5: PSNR of the marked images (dB, 0-255 scale).
         linf_max: largest |marked - vanilla| over all marked pixels (8-bit levels).
         seconds: wall time.
+        output_format: the released copy's encoding (``png``, or e.g. ``jpeg q90``).
+        carrier_shift_lossless_mean, carrier_shift_mean: lossy formats only: mean feature shift along the
+            carrier (marking network, centre view; :func:`radioactive.marking.optimise.carrier_shifts`) of the
+            released marked images, before encoding and as a reader decodes them.
+        mark_survival: lossy formats only: ``carrier_shift_mean / carrier_shift_lossless_mean``, the share
+            of the mark's feature shift that the encoding kept (1: all of it, as with png).
     """
 
     output: str
@@ -81,6 +87,10 @@ class MarkSummary:
     psnr_db_p5: float | None = None
     linf_max: int = 0
     seconds: float = 0.0
+    output_format: str = "png"
+    carrier_shift_lossless_mean: float | None = None
+    carrier_shift_mean: float | None = None
+    mark_survival: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,7 +110,7 @@ def _heap_trimmer() -> Callable[[], object]:
 def _run_units(plan: RunPlan, key: Key, kept: dict[int, list], journal: Journal, ranks: Ranks, seed: int,
                config: MarkingConfig, device: str, strict: bool, progress: Progress) -> None:
     """Do this rank's units not in ``kept`` (unit -> PSNRs of a kept unit), journaling each as it finishes."""
-    folder, units, bases = plan.folder, plan.units, plan.bases
+    folder, units, bases, fmt = plan.folder, plan.units, plan.bases, plan.output_format
     mine = [n for n in range(len(units)) if ranks.owns(n)]
     net = None
     if any(units[n].kind in ("mark", "holdout") for n in mine if n not in kept):
@@ -134,7 +144,7 @@ def _run_units(plan: RunPlan, key: Key, kept: dict[int, list], journal: Journal,
                 continue
             icc[i] = image.icc_profile  # kept in marked and unmarked outputs alike
             if unit.kind == "copy":
-                write("output", output_name(folder.files[i]), encode_png(image.pixels, image.icc_profile))
+                write("output", output_name(folder.files[i], fmt.suffix), fmt.encode(image.pixels, image.icc_profile))
                 out["copied"] += 1
             else:
                 imgs.append(image.pixels)
@@ -144,19 +154,31 @@ def _run_units(plan: RunPlan, key: Key, kept: dict[int, list], journal: Journal,
         batch = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
         labels = [folder.labels[i] for i in idx]
         gens = [image_generator(seed, folder.files[i]) for i in idx]
-        marked = mark_batch(net, batch, key.carriers[labels], config, gens).permute(0, 2, 3, 1).numpy()
+        marked_t = mark_batch(net, batch, key.carriers[labels], config, gens)
+        marked = marked_t.permute(0, 2, 3, 1).numpy()
+        encoded = [fmt.encode(m, icc[i]) for i, m in zip(idx, marked)]
+        if fmt.lossy:  # how much of the mark the encoding keeps, image by image
+            decoded = [fmt.decode(b) for b in encoded]
+            lossless, kept_shift = carrier_shifts(
+                net, batch, [marked_t, torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2)], key.carriers[labels])
         released = unit.kind == "mark"
-        for i, vanilla, m, k in zip(idx, imgs, marked, labels):
-            out_rel = output_name(folder.files[i])
-            sha = write("output" if released else "holdout", out_rel, encode_png(m, icc[i]))
+        for j, (i, vanilla, m, k) in enumerate(zip(idx, imgs, marked, labels)):
+            out_rel = output_name(folder.files[i], fmt.suffix)
+            sha = write("output" if released else "holdout", out_rel, encoded[j])
             p = psnr_db(vanilla, m)
             out["psnr"].append(None if math.isinf(p) else p)
-            out["entries"].append({
+            entry = {
                 "source": folder.files[i], "output": out_rel, "class": folder.classes[k], "carrier_index": k,
                 "psnr_db": None if math.isinf(p) else round(p, 4),
                 "linf": int(np.abs(vanilla.astype(np.int16) - m.astype(np.int16)).max()),
                 "sha256": sha, "released": released,
-            })
+            }
+            if fmt.lossy:
+                pr = psnr_db(vanilla, decoded[j])
+                entry.update(psnr_db_released=None if math.isinf(pr) else round(pr, 4),
+                             carrier_shift_lossless=round(float(lossless[j]), 5),
+                             carrier_shift=round(float(kept_shift[j]), 5))
+            out["entries"].append(entry)
         return out
 
     for n in mine:
@@ -194,6 +216,7 @@ def _merge(plan: RunPlan, t0: float) -> MarkSummary:
     psnr = array("d")
     skipped: dict[str, str] = {}
     num_marked = num_entries = num_copied = linf_max = 0
+    shift_sums = [0.0, 0.0]  # released marked images: carrier shift before / after a lossy encoding
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(open(p, "rb")) for p in paths]
         record = stack.enter_context(atomic_writer(plan.record))
@@ -206,6 +229,9 @@ def _merge(plan: RunPlan, t0: float) -> MarkSummary:
                 record.write((json.dumps(e) + "\n").encode())
                 num_entries += 1
                 num_marked += e["released"]
+                if e["released"] and "carrier_shift" in e:
+                    shift_sums[0] += e["carrier_shift_lossless"]
+                    shift_sums[1] += e["carrier_shift"]
                 linf_max = max(linf_max, e["linf"])
             psnr.extend(p for p in r["psnr"] if p is not None)
             num_copied += r["copied"]
@@ -225,8 +251,17 @@ def _merge(plan: RunPlan, t0: float) -> MarkSummary:
         ignored=list(folder.ignored),
         psnr_db_mean=float(np.mean(finite)) if finite.size else None,
         psnr_db_p5=float(np.percentile(finite, 5)) if finite.size else None,
-        linf_max=linf_max, seconds=time.time() - t0,
+        linf_max=linf_max, seconds=time.time() - t0, output_format=plan.output_format.describe(),
+        **_survival(plan.output_format.lossy, num_marked, *shift_sums),
     )
+
+
+def _survival(lossy: bool, n: int, lossless: float, kept: float) -> dict:
+    """The summary's carrier-shift fields (lossy formats with marked images only)."""
+    if not lossy or n == 0:
+        return {}
+    return {"carrier_shift_lossless_mean": lossless / n, "carrier_shift_mean": kept / n,
+            "mark_survival": kept / lossless if lossless > 0 else None}
 
 
 def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | Path | None = None,
@@ -234,13 +269,15 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
                 config: MarkingConfig = MarkingConfig(), overwrite: bool = False, progress: bool = True,  # noqa: B008
                 device: str = "cpu", holdout_fraction: float = 0.0, strict: bool = False,
                 resume: bool = False, withhold_fraction: float = 0.0, metrics: str | Path | None = None,
-                ranks: Ranks = SINGLE) -> MarkSummary:
+                ranks: Ranks = SINGLE, output_format: OutputFormat = OutputFormat()) -> MarkSummary:  # noqa: B008
     """Mark a fraction of an image folder and write a complete released copy; resumable, and distributable.
 
     Every image of the source is written to ``output`` at the same relative
     path with a ``.png`` suffix, losslessly and with the same encoder
-    settings and no metadata, marked or not, so that the copy does not tell
-    which images carry the mark; unmarked images keep their exact pixels.
+    settings and no metadata but the ICC profile, marked or not, so that the copy does not tell
+    which images carry the mark; unmarked images keep their exact pixels. A lossy ``output_format``
+    (explicitly allowed) encodes every image, marked or not, in that format instead, and the record and
+    summary then measure how much of the mark survived it (``MarkSummary.mark_survival``).
     The private record (outside the copy) lists each marked image.
 
     The run is cut into fixed units (:func:`plan_units`), each journaled beside the record once its files
@@ -279,6 +316,9 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
         device: torch device of the optimisation (``cpu``, ``cuda``: ``cuda:LOCAL_RANK`` in a distributed
             run); CPU results are bit-reproducible.
         ranks: this process's rank in a distributed run (default: one process).
+        output_format: encoding of the released copy (default lossless PNG; see
+            :class:`radioactive.data.OutputFormat`). Lossy formats also write, per marked entry of the record,
+            ``carrier_shift_lossless``, ``carrier_shift`` and ``psnr_db_released`` (the image as decoded).
 
     Returns:
         The summary of the whole run, on every rank.
@@ -292,12 +332,13 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
     t0 = time.time()
     source, output = Path(source), Path(output)
     plan = ranks.step("checking the inputs", lambda: plan_run(
-        source, key, output, record, fraction, files, seed, config, device, holdout_fraction, withhold_fraction, strict))
+        source, key, output, record, fraction, files, seed, config, device, holdout_fraction, withhold_fraction, strict,
+        output_format))
     journal = Journal(journal_path(plan.record), plan.identity)
 
     def open_() -> dict[int, list]:
         """Rank 0: apply the output rules, start the journal; the kept units' PSNRs, by unit."""
-        ours = {output_name(f) for f in plan.folder.files} | set(plan.folder.files)
+        ours = {output_name(f, sfx) for f in plan.folder.files for sfx in OUTPUT_FORMATS.values()} | set(plan.folder.files)
         done = open_run(output, plan.holdout_dir, ours, journal, resume, overwrite, plan.bases, part_paths(plan.record))
         output.mkdir(parents=True, exist_ok=True)
         if ranks.distributed:

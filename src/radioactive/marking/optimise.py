@@ -165,3 +165,27 @@ def mark_batch(net: FeatureNetwork, images: torch.Tensor, carriers: torch.Tensor
         ref = images.to(dev, torch.float32)
         out = torch.maximum(torch.minimum(out, ref + config.linf), ref - config.linf)
     return out.to(torch.uint8).cpu()
+
+
+def carrier_shifts(net: FeatureNetwork, vanilla: torch.Tensor, versions: list[torch.Tensor],
+                   carriers: torch.Tensor) -> list[torch.Tensor]:
+    """How far each version of a batch moved the marking network's features along the carriers.
+
+    The quantity the marking objective maximises (Sablayrolles et al. 2020, Section 3.2), on the centre
+    view (no augmentation): ``(phi(v) - phi(vanilla))^T u`` per image, for each version ``v``; used to
+    measure how much of a mark survives lossy compression (the released vs the lossless marked image).
+
+    Args:
+        net: the marking network (eval mode).
+        vanilla: (B, 3, H, W) uint8 vanilla images.
+        versions: (B, 3, H, W) uint8 images each (marked, re-encoded, ...).
+        carriers: (B, D) unit carrier of each image's class.
+
+    Returns:
+        One (B,) float32 CPU tensor per version, in feature units.
+    """
+    dev = next(net.parameters()).device
+    u = carriers.to(dev, torch.float32)
+    with torch.no_grad():
+        f0 = net.features(vanilla.to(dev, torch.float32) / 255.0)
+        return [((net.features(v.to(dev, torch.float32) / 255.0) - f0) * u).sum(1).cpu() for v in versions]

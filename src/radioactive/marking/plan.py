@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..data import ImageFolder, display_size, list_image_folder
+from ..data import ImageFolder, OutputFormat, display_size, list_image_folder
 from ..errors import RadioactiveError
 from ..keys import Key
 from .optimise import MarkingConfig
@@ -64,9 +64,9 @@ def select_withheld(folder: ImageFolder, fraction: float, seed: int, exclude: se
     return _select_among(folder, fraction, np.random.default_rng([seed, 2]), exclude, "withheld")
 
 
-def output_name(rel: str) -> str:
-    """Relative path of an image in the released copy: same folders and stem, ``.png``."""
-    return str(Path(rel).with_suffix(".png").as_posix())
+def output_name(rel: str, suffix: str = ".png") -> str:
+    """Relative path of an image in the released copy: same folders and stem, the output format's ``suffix``."""
+    return str(Path(rel).with_suffix(suffix).as_posix())
 
 
 def check_output_dir(source: Path, output: Path) -> None:
@@ -141,6 +141,7 @@ class RunPlan:
     """Everything a run decides before it writes: the same on every rank."""
 
     folder: ImageFolder
+    output_format: OutputFormat
     output: Path
     record: Path
     holdout_dir: Path
@@ -157,7 +158,7 @@ class RunPlan:
 
 def plan_run(source: Path, key: Key, output: Path, record: Path | None, fraction: float | None, files: list[str] | None,
           seed: int, config: MarkingConfig, device: str, holdout_fraction: float, withhold_fraction: float,
-          strict: bool) -> RunPlan:
+          strict: bool, output_format: OutputFormat = OutputFormat()) -> RunPlan:  # noqa: B008
     """Check the arguments and inputs and cut the run into units (see :func:`mark_folder`)."""
     folder = list_image_folder(source)
     if tuple(folder.classes) != tuple(key.classes):
@@ -174,9 +175,10 @@ def plan_run(source: Path, key: Key, output: Path, record: Path | None, fraction
         raise RadioactiveError("the private record must be written outside the source folder")
     names: dict[str, str] = {}
     for rel in folder.files:
-        other = names.setdefault(output_name(rel).lower(), rel)
+        out_rel = output_name(rel, output_format.suffix)
+        other = names.setdefault(out_rel.lower(), rel)
         if other != rel:
-            raise RadioactiveError(f"{other} and {rel} would both be written as {output_name(rel)}; rename one")
+            raise RadioactiveError(f"{other} and {rel} would both be written as {out_rel}; rename one")
     del names
     if (fraction is None) == (files is None):
         raise RadioactiveError("give either a marked fraction or a list of files to mark")
@@ -205,9 +207,11 @@ def plan_run(source: Path, key: Key, output: Path, record: Path | None, fraction
     }
     if withheld:
         header["withhold_fraction"] = withhold_fraction
+    if output_format.lossy:  # absent: png, as in records written before lossy output existed
+        header["output_format"] = output_format.to_dict()
     stats = ((f, st.st_size, st.st_mtime_ns) for f, st in ((f, (source / f).stat()) for f in folder.files))
     identity = {**header, "record": str(record.resolve()), "device": torch.device(device).type, "strict": strict,
                 "marked_files": _digest([folder.files[i] for i in chosen]),
                 "holdout_files": _digest([folder.files[i] for i in holdout]), "source_files": _digest_items(stats),
                 "withheld_files": _digest([folder.files[i] for i in withheld])}
-    return RunPlan(folder, output, record, holdout_dir, units, unreadable, withheld, header, identity)
+    return RunPlan(folder, output_format, output, record, holdout_dir, units, unreadable, withheld, header, identity)
