@@ -78,6 +78,11 @@ class Cell:
         augment: trainer augmentation: ``crop_flip`` (the recipes' pad-4 crop + flip) or ``trivialaugment``
             (crop + flip, then torchvision TrivialAugmentWide).
         epochs, views, lr: trainer recipe (views: linear recipe only).
+        teacher: ``distill`` cells: the teacher's architecture (``linear``: the linear recipe on the marking
+            network; ``resnet18_cifar``: from scratch); the teacher is trained on the released (marked) copy
+            with its own recipe, the student (``architecture``) only on the vanilla images, against the
+            teacher's outputs (``TrainConfig.teacher``, temperature ``temperature``). The control student
+            learns from a teacher trained on the vanilla images.
         fresh_key: test the vanilla model with a fresh key (controls): no marking at all.
         needs_gpu: not run by ``--study``/``--all`` on a CPU machine unless asked for.
         implemented: False when the library lacks what the cell needs (``note`` says what).
@@ -102,6 +107,8 @@ class Cell:
     epochs: int = 30
     views: int = 2
     lr: float = 1e-3
+    teacher: str | None = None
+    temperature: float = 4.0
     fresh_key: bool = False
     needs_gpu: bool = False
     implemented: bool = True
@@ -135,9 +142,11 @@ def grid() -> dict[str, Cell]:
     for q in qs:
         cells.append(Cell(f"xarch-q{_pct(q)}", "fraction", setting="cross-arch", q=q, architecture="mobilenet_v2",
                           **gpu))
+    for q in qs:  # CPU scale: linear teacher and linear student on the marking network's features
+        cells.append(Cell(f"distill-lin-q{_pct(q)}", "fraction", setting="distill", q=q, teacher="linear"))
     for q in qs:
         cells.append(Cell(f"distill-q{_pct(q)}", "fraction", setting="distill", q=q, architecture="mobilenet_v2",
-                          implemented=False, note="radioactive.training has no distillation recipe", **gpu))
+                          teacher="resnet18_cifar", **gpu))
     # 3. robustness of the released data (linear, q = 10 %)
     cells.append(Cell("lin-q10-jpeg90", "robustness", jpeg=90))
     cells.append(Cell("lin-q10-jpeg75", "robustness", jpeg=75))
@@ -271,6 +280,16 @@ def cell_data(c: Cell, work: Path) -> dict:
 
 # ----------------------------------------------------------------------------- key and marking
 
+def recipe_dict(tcfg) -> dict:
+    """A recipe as the cache digests see it: the distillation fields only when there is a teacher (so the
+    models cached before distillation existed keep their names)."""
+    d = asdict(tcfg)
+    if d.get("teacher") is None:
+        d.pop("teacher", None)
+        d.pop("temperature", None)
+    return d
+
+
 def marker_spec(c: Cell, work: Path, data: dict, device: str):
     """Marking network of a cell (trains the in-domain marker once when asked for)."""
     from radioactive.networks import MarkingNetworkSpec
@@ -282,7 +301,7 @@ def marker_spec(c: Cell, work: Path, data: dict, device: str):
         raise SystemExit(f"unknown marker {c.marker!r}")
     tcfg = TrainConfig(recipe="scratch", architecture="resnet18_cifar", epochs=c.epochs, lr=0.05,
                        weight_decay=5e-4, image_size=32, seed=100)
-    path = work / "models" / f"marker-{digest([str(data['train_full']), asdict(tcfg)])}.safetensors"
+    path = work / "models" / f"marker-{digest([str(data['train_full']), recipe_dict(tcfg)])}.safetensors"
     if not path.is_file():
         train(data["train_full"], data["test"], path, tcfg, progress=False, device=device)
     return MarkingNetworkSpec("trained", 32, path=str(path))
@@ -366,23 +385,26 @@ def trainer_augmentation(name: str):
         T._augment = original
 
 
-def train_config(c: Cell):
+def train_config(c: Cell, teacher: Path | None = None):
     from radioactive.networks import MarkingNetworkSpec
     from radioactive.training import TrainConfig
 
-    if c.setting == "linear":
+    distill = {"teacher": str(teacher), "temperature": c.temperature} if teacher else {}
+    if c.architecture == "linear":
         return TrainConfig(recipe="linear", backbone=MarkingNetworkSpec(), epochs=c.epochs, views=c.views,
-                           lr=c.lr, seed=c.seed)
+                           lr=c.lr, seed=c.seed, **distill)
     return TrainConfig(recipe="scratch", architecture=c.architecture, epochs=c.epochs, lr=c.lr, weight_decay=5e-4,
-                       image_size=32, seed=c.seed)
+                       image_size=32, seed=c.seed, **distill)
 
 
-def get_model(c: Cell, train_dir: Path, test_dir: Path, work: Path, device: str) -> tuple[Path, float, float]:
-    """Train (or reuse) a model on ``train_dir``; returns weights, test accuracy, training seconds."""
+def get_model(c: Cell, train_dir: Path, test_dir: Path, work: Path, device: str,
+              teacher: Path | None = None) -> tuple[Path, float, float]:
+    """Train (or reuse) a model on ``train_dir`` (distilled from ``teacher`` when given); returns weights,
+    test accuracy, training seconds."""
     from radioactive.training import train
 
-    tcfg = train_config(c)
-    cfg = asdict(tcfg)
+    tcfg = train_config(c, teacher)
+    cfg = recipe_dict(tcfg)
     cfg["backbone"] = tcfg.backbone.to_dict()
     mid = digest([str(train_dir), str(test_dir), cfg, c.augment])
     weights = work / "models" / f"{mid}.safetensors"
@@ -435,9 +457,16 @@ def run_cell(c: Cell, work: Path, device: str, decoys: int) -> dict:
         row.update({"num_marked": 0, "psnr_db_mean": None, "psnr_db_p5": None})
         trainer_data = vanilla_train
     if c.setting == "distill":
-        raise SystemExit("distillation is not implemented")
-    suspect, acc, secs = get_model(c, trainer_data, trainer_test, work, device)
-    control, acc0, secs0 = get_model(c, vanilla_train, trainer_test, work, device)
+        tc = replace(c, setting="linear" if c.teacher == "linear" else "scratch", architecture=c.teacher)
+        teacher, tacc, _ = get_model(tc, trainer_data, trainer_test, work, device)
+        vteacher, vtacc, _ = get_model(tc, vanilla_train, trainer_test, work, device)
+        suspect, acc, secs = get_model(c, vanilla_train, trainer_test, work, device, teacher=teacher)
+        control, acc0, secs0 = get_model(c, vanilla_train, trainer_test, work, device, teacher=vteacher)
+        row.update({"teacher": c.teacher, "temperature": c.temperature, "teacher_accuracy": tacc,
+                    "control_teacher_accuracy": vtacc})
+    else:
+        suspect, acc, secs = get_model(c, trainer_data, trainer_test, work, device)
+        control, acc0, secs0 = get_model(c, vanilla_train, trainer_test, work, device)
     row.update({"accuracy": acc, "control_accuracy": acc0, "accuracy_cost_points": 100 * (acc0 - acc),
                 "train_seconds": secs, "control_train_seconds": secs0})
     wb = detect(suspect, key, data["align"], decoys=decoys, decoy_seed=c.key_seed, only_classes=only)

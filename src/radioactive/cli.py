@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=_nonneg_float, default=None, help="weight decay (default 0 linear, 5e-4 scratch)")
     t.add_argument("--image-size", type=_positive_int, default=TC.image_size, help="side training images are resized to")
     t.add_argument("--seed", type=_nonneg_int, default=TC.seed, help="seed of initialisation and augmentation")
+    t.add_argument("--teacher", type=_existing, default=None,
+                   help="distillation: weights of a trained model (with its .json sidecar); the student learns from "
+                        "its softened outputs on the training images, never from their labels")
+    t.add_argument("--temperature", type=_positive_float, default=TC.temperature, help="distillation temperature T")
     t.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
 
     d = _sub(subs, "detect", "test a suspect: was it trained on data marked with this key?",
@@ -300,7 +304,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         cfg = TrainConfig(recipe=args.recipe, architecture=args.arch,
                           backbone=MarkingNetworkSpec(args.network, args.network_image_size), epochs=args.epochs,
                           views=args.views, batch_size=args.batch_size, lr=args.lr or default_lr(args.recipe),
-                          weight_decay=wd, image_size=args.image_size, seed=args.seed)
+                          weight_decay=wd, image_size=args.image_size, seed=args.seed,
+                          teacher=str(args.teacher) if args.teacher else None, temperature=args.temperature)
         _emit(train(_folder_or_archive(args.train), _folder_or_archive(args.test, "test"), args.output, cfg, progress=sys.stderr.isatty(), device=args.device).to_dict())
     elif args.command == "detect":
         from .keys import Key

@@ -4,6 +4,12 @@
   network (transfer learning; Sablayrolles et al. 2020, Section 5.1).
 * ``scratch``: a torchvision architecture trained from random initialisation
   (Section 5.2); ``resnet18_cifar`` by default.
+* either recipe with a ``teacher``: knowledge distillation (Hinton et al.
+  2015, "Distilling the knowledge in a neural network"): the student never
+  sees a label, only the teacher's softened outputs on the same augmented
+  images. With a teacher trained on marked data and a student trained on
+  vanilla images, it asks whether the mark passes through a model's outputs
+  alone (Sablayrolles et al. 2020, Section 5.5).
 
 Both use the trainer's usual augmentation: random crop with 4 px zero padding
 + horizontal flip (torchvision.transforms.v2). Marking and detection never
@@ -36,6 +42,7 @@ from .networks import (
     Preprocessing,
     build_architecture,
     load_marking_network,
+    load_suspect,
     sidecar_path,
 )
 
@@ -59,6 +66,12 @@ class TrainConfig:
         weight_decay: L2 weight decay.
         image_size: side in px training images are resized to (None keeps them).
         seed: seeds initialisation, augmentation and batch order.
+        teacher: weights of a trained model (``radioactive train`` output, its JSON sidecar beside it;
+            read by :func:`radioactive.networks.load_suspect`, never unpickled) with the training folder's
+            classes. When set, the loss is distillation, ``T^2 KL(softmax(z_t / T) || softmax(z_s / T))``
+            (Hinton et al. 2015, Section 2), between the teacher's logits z_t and the student's z_s on the
+            same augmented image; the folder's labels are not used.
+        temperature: T of the distillation loss (> 0).
     """
 
     recipe: str = "linear"
@@ -71,12 +84,16 @@ class TrainConfig:
     weight_decay: float = 0.0
     image_size: int | None = 32
     seed: int = 0
+    teacher: str | None = None
+    temperature: float = 4.0
 
     def __post_init__(self):
         if self.recipe not in ("linear", "scratch"):
             raise RadioactiveError(f"recipe must be 'linear' or 'scratch', got {self.recipe!r}")
         if self.epochs < 1 or self.views < 1 or self.batch_size < 1 or self.lr <= 0:
             raise RadioactiveError("epochs, views and batch_size must be >= 1 and lr > 0")
+        if not self.temperature > 0:
+            raise RadioactiveError(f"temperature must be > 0, got {self.temperature}")
 
 
 @dataclass
@@ -108,15 +125,39 @@ def _augment(batch: torch.Tensor, pad: int = 4) -> torch.Tensor:
 
 @torch.no_grad()
 def _features(net: FeatureNetwork, images: torch.Tensor, batch_size: int = 250, augment: bool = False,
-              desc: str = "features", progress: bool = False) -> torch.Tensor:
-    out = []
+              desc: str = "features", progress: bool = False,
+              teacher: FeatureNetwork | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Features (N, D) of ``images`` (N, 3, H, W) uint8, each augmented once when ``augment``; and the
+    ``teacher``'s logits (N, K) on the same augmented images (None without a teacher)."""
+    out, logits = [], []
+    dev = next(net.parameters()).device
     for s in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress):
         b = images[s:s + batch_size]
         if augment:
             b = _augment(b)
-        dev = next(net.parameters()).device
-        out.append(net.features(b.to(dev).float() / 255))
-    return torch.cat(out)
+        b = b.to(dev).float() / 255
+        out.append(net.features(b))
+        if teacher is not None:
+            logits.append(teacher(b))
+    return torch.cat(out), torch.cat(logits) if teacher is not None else None
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 KL(softmax(z_t / T) || softmax(z_s / T))``, mean over the batch (Hinton et al. 2015, Section 2:
+    the T^2 keeps the gradients' scale independent of T). Both (B, K) logits; returns a scalar."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits / t, 1), F.log_softmax(teacher_logits / t, 1),
+                    log_target=True, reduction="batchmean") * t * t
+
+
+def _teacher(config: TrainConfig, classes: list[str], device: str) -> FeatureNetwork | None:
+    """The recipe's teacher (frozen, eval mode), checked to have the training folder's classes."""
+    if config.teacher is None:
+        return None
+    net, meta = load_suspect(config.teacher)
+    if list(meta["classes"]) != list(classes):
+        raise RadioactiveError(f"the teacher {config.teacher} was trained on other classes than the training folder's")
+    return net.to(device)
 
 
 @torch.no_grad()
@@ -167,10 +208,11 @@ def train(train_dir: str | Path, test_dir: str | Path, output: str | Path, confi
     classes = list(train_f.classes)
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
+        teacher = _teacher(config, classes, device)
         if config.recipe == "linear":
-            model, state, meta = _train_linear(x_train, y_train, len(classes), config, progress, device)
+            model, state, meta = _train_linear(x_train, y_train, len(classes), config, progress, device, teacher)
         else:
-            model, state, meta = _train_scratch(x_train, y_train, len(classes), config, progress, device)
+            model, state, meta = _train_scratch(x_train, y_train, len(classes), config, progress, device, teacher)
     acc = accuracy(model, x_test, y_test)
     state = {k: v.cpu() for k, v in state.items()}
     meta.update({
@@ -186,13 +228,13 @@ def train(train_dir: str | Path, test_dir: str | Path, output: str | Path, confi
     return TrainResult(str(output), str(side), acc, time.time() - t0)
 
 
-def _train_linear(x, y, num_classes, config, progress, device):
+def _train_linear(x, y, num_classes, config, progress, device, teacher=None):
     backbone, spec = load_marking_network(config.backbone)
     backbone = backbone.to(device)
-    views = [_features(backbone, x, augment=True, desc=f"features view {v + 1}", progress=progress)
+    views = [_features(backbone, x, augment=True, desc=f"features view {v + 1}", progress=progress, teacher=teacher)
              for v in range(config.views)]
-    feats = torch.cat(views)
-    labels = y.repeat(config.views)
+    feats = torch.cat([f for f, _ in views])
+    targets = torch.cat([t for _, t in views]) if teacher is not None else y.repeat(config.views)
     probe = LinearProbe(backbone, num_classes).to(device)
     opt = torch.optim.Adam(probe.head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     n = len(feats)
@@ -200,7 +242,9 @@ def _train_linear(x, y, num_classes, config, progress, device):
         perm = torch.randperm(n)
         for s in range(0, n, config.batch_size):
             idx = perm[s:s + config.batch_size]
-            loss = F.cross_entropy(probe.head(feats[idx]), labels[idx].to(device))
+            logits = probe.head(feats[idx])
+            loss = (F.cross_entropy(logits, targets[idx].to(device)) if teacher is None
+                    else distillation_loss(logits, targets[idx], config.temperature))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -209,7 +253,7 @@ def _train_linear(x, y, num_classes, config, progress, device):
     return probe, probe.head.state_dict(), meta
 
 
-def _train_scratch(x, y, num_classes, config, progress, device):
+def _train_scratch(x, y, num_classes, config, progress, device, teacher=None):
     pre = Preprocessing(config.image_size, CIFAR_MEAN, CIFAR_STD)
     model = build_architecture(config.architecture, num_classes).to(device, memory_format=torch.channels_last)
     net = FeatureNetwork(model, pre)
@@ -224,8 +268,14 @@ def _train_scratch(x, y, num_classes, config, progress, device):
                    disable=not progress)
         for s in bar:
             idx = perm[s:s + config.batch_size]
-            logits = net(_augment(x[idx]).to(device).float() / 255)
-            loss = F.cross_entropy(logits, y[idx].to(device))
+            batch = _augment(x[idx]).to(device).float() / 255
+            logits = net(batch)
+            if teacher is None:
+                loss = F.cross_entropy(logits, y[idx].to(device))
+            else:
+                with torch.no_grad():
+                    target = teacher(batch)
+                loss = distillation_loss(logits, target, config.temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
