@@ -37,7 +37,6 @@ import os
 import shutil
 import tarfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -281,9 +280,11 @@ def cell_data(c: Cell, work: Path) -> dict:
 # ----------------------------------------------------------------------------- key and marking
 
 def recipe_dict(tcfg) -> dict:
-    """A recipe as the cache digests see it: the distillation fields only when there is a teacher (so the
-    models cached before distillation existed keep their names)."""
+    """A recipe as the cache digests see it: the distillation fields only when there is a teacher, and no
+    augmentation field (the cell's ``augment`` is digested beside it), so the models cached before these
+    fields existed keep their names."""
     d = asdict(tcfg)
+    d.pop("augmentation", None)
     if d.get("teacher") is None:
         d.pop("teacher", None)
         d.pop("temperature", None)
@@ -357,44 +358,17 @@ def jpeg_copy(src: Path, dst: Path, quality: int) -> Path:
 
 # ----------------------------------------------------------------------------- training
 
-@contextmanager
-def trainer_augmentation(name: str):
-    """The trainer's augmentation. ``trivialaugment`` replaces the private ``radioactive.training._augment``
-    (pad-4 crop + flip) by crop + flip followed by TrivialAugmentWide for the duration of the call: the
-    library's recipes have no option for it, and this script may not change the library."""
-    import torch
-    from torchvision.transforms import v2
-
-    import radioactive.training as T
-
-    if name == "crop_flip":
-        yield
-        return
-    if name != "trivialaugment":
-        raise SystemExit(f"unknown trainer augmentation {name!r}")
-    original = T._augment
-    strong = v2.TrivialAugmentWide()
-
-    def augment(batch, pad: int = 4):
-        return torch.stack([strong(img) for img in original(batch, pad)])
-
-    T._augment = augment
-    try:
-        yield
-    finally:
-        T._augment = original
-
-
 def train_config(c: Cell, teacher: Path | None = None):
     from radioactive.networks import MarkingNetworkSpec
     from radioactive.training import TrainConfig
 
-    distill = {"teacher": str(teacher), "temperature": c.temperature} if teacher else {}
+    extra = {"teacher": str(teacher), "temperature": c.temperature} if teacher else {}
+    extra["augmentation"] = c.augment
     if c.architecture == "linear":
         return TrainConfig(recipe="linear", backbone=MarkingNetworkSpec(), epochs=c.epochs, views=c.views,
-                           lr=c.lr, seed=c.seed, **distill)
+                           lr=c.lr, seed=c.seed, **extra)
     return TrainConfig(recipe="scratch", architecture=c.architecture, epochs=c.epochs, lr=c.lr, weight_decay=5e-4,
-                       image_size=32, seed=c.seed, **distill)
+                       image_size=32, seed=c.seed, **extra)
 
 
 def get_model(c: Cell, train_dir: Path, test_dir: Path, work: Path, device: str,
@@ -409,8 +383,7 @@ def get_model(c: Cell, train_dir: Path, test_dir: Path, work: Path, device: str,
     mid = digest([str(train_dir), str(test_dir), cfg, c.augment])
     weights = work / "models" / f"{mid}.safetensors"
     if not weights.is_file():
-        with trainer_augmentation(c.augment):
-            res = train(train_dir, test_dir, weights, tcfg, progress=False, device=device)
+        res = train(train_dir, test_dir, weights, tcfg, progress=False, device=device)
         (work / "models" / f"{mid}.seconds").write_text(f"{res.seconds}\n")
     side = json.loads(weights.with_suffix(".json").read_text())
     secs_file = work / "models" / f"{mid}.seconds"
@@ -656,7 +629,7 @@ def plots(done: dict, figures: Path) -> list[Path]:
 
     # accuracy against q
     fig, ax = plt.subplots(figsize=(6, 4))
-    for setting in ("linear", "scratch", "cross-arch"):
+    for setting in ("linear", "scratch", "cross-arch", "distill"):
         pts = sorted((r["q"] * 100, 100 * r["accuracy"], 100 * r["control_accuracy"]) for r in frac
                      if r["setting"] == setting)
         if pts:

@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distillation: weights of a trained model (with its .json sidecar); the student learns from "
                         "its softened outputs on the training images, never from their labels")
     t.add_argument("--temperature", type=_positive_float, default=TC.temperature, help="distillation temperature T")
+    t.add_argument("--augmentation", choices=("crop_flip", "trivialaugment"), default=TC.augmentation,
+                   help="trainer augmentation: pad-4 random crop + flip, or the same then TrivialAugmentWide")
     t.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
 
     d = _sub(subs, "detect", "test a suspect: was it trained on data marked with this key?",
@@ -305,7 +307,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                           backbone=MarkingNetworkSpec(args.network, args.network_image_size), epochs=args.epochs,
                           views=args.views, batch_size=args.batch_size, lr=args.lr or default_lr(args.recipe),
                           weight_decay=wd, image_size=args.image_size, seed=args.seed,
-                          teacher=str(args.teacher) if args.teacher else None, temperature=args.temperature)
+                          teacher=str(args.teacher) if args.teacher else None, temperature=args.temperature,
+                          augmentation=args.augmentation)
         _emit(train(_folder_or_archive(args.train), _folder_or_archive(args.test, "test"), args.output, cfg, progress=sys.stderr.isatty(), device=args.device).to_dict())
     elif args.command == "detect":
         from .keys import Key

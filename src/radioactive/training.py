@@ -12,8 +12,9 @@
   alone (Sablayrolles et al. 2020, Section 5.5).
 
 Both use the trainer's usual augmentation: random crop with 4 px zero padding
-+ horizontal flip (torchvision.transforms.v2). Marking and detection never
-import this module.
++ horizontal flip (torchvision.transforms.v2), optionally followed by
+TrivialAugmentWide (Müller & Hutter 2021), a strong augmentation a trainer may
+use. Marking and detection never import this module.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ from .networks import (
 
 log = logging.getLogger(__name__)
 
+TRAINER_AUGMENTATIONS = ("crop_flip", "trivialaugment")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -72,6 +75,8 @@ class TrainConfig:
             (Hinton et al. 2015, Section 2), between the teacher's logits z_t and the student's z_s on the
             same augmented image; the folder's labels are not used.
         temperature: T of the distillation loss (> 0).
+        augmentation: the trainer's augmentation: ``crop_flip`` (pad-4 random crop + horizontal flip) or
+            ``trivialaugment`` (the same, then ``torchvision.transforms.v2.TrivialAugmentWide`` per image).
     """
 
     recipe: str = "linear"
@@ -86,12 +91,16 @@ class TrainConfig:
     seed: int = 0
     teacher: str | None = None
     temperature: float = 4.0
+    augmentation: str = "crop_flip"
 
     def __post_init__(self):
         if self.recipe not in ("linear", "scratch"):
             raise RadioactiveError(f"recipe must be 'linear' or 'scratch', got {self.recipe!r}")
         if self.epochs < 1 or self.views < 1 or self.batch_size < 1 or self.lr <= 0:
             raise RadioactiveError("epochs, views and batch_size must be >= 1 and lr > 0")
+        if self.augmentation not in TRAINER_AUGMENTATIONS:
+            raise RadioactiveError(f"augmentation must be one of {', '.join(TRAINER_AUGMENTATIONS)}, "
+                                   f"got {self.augmentation!r}")
         if not self.temperature > 0:
             raise RadioactiveError(f"temperature must be > 0, got {self.temperature}")
 
@@ -115,26 +124,31 @@ class TrainResult:
         return asdict(self)
 
 
-def _augment(batch: torch.Tensor, pad: int = 4) -> torch.Tensor:
-    """Random crop with zero padding + horizontal flip, drawn per image from torch's RNG.
-    (B, 3, H, W) uint8 -> (B, 3, H, W) uint8."""
+def _augment(batch: torch.Tensor, pad: int = 4, augmentation: str = "crop_flip") -> torch.Tensor:
+    """Random crop with zero padding + horizontal flip, drawn per image from torch's RNG; with
+    ``trivialaugment``, then TrivialAugmentWide per image. (B, 3, H, W) uint8 -> (B, 3, H, W) uint8."""
     h, w = batch.shape[-2:]
     t = v2.Compose([v2.RandomCrop((h, w), padding=pad), v2.RandomHorizontalFlip()])
-    return torch.stack([t(img) for img in batch])
+    out = torch.stack([t(img) for img in batch])
+    if augmentation == "trivialaugment":
+        strong = v2.TrivialAugmentWide()
+        out = torch.stack([strong(img) for img in out])
+    return out
 
 
 @torch.no_grad()
-def _features(net: FeatureNetwork, images: torch.Tensor, batch_size: int = 250, augment: bool = False,
+def _features(net: FeatureNetwork, images: torch.Tensor, batch_size: int = 250, augment: str | None = None,
               desc: str = "features", progress: bool = False,
               teacher: FeatureNetwork | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Features (N, D) of ``images`` (N, 3, H, W) uint8, each augmented once when ``augment``; and the
-    ``teacher``'s logits (N, K) on the same augmented images (None without a teacher)."""
+    """Features (N, D) of ``images`` (N, 3, H, W) uint8, each augmented once by the ``augment``
+    augmentation when given; and the ``teacher``'s logits (N, K) on the same augmented images (None
+    without a teacher)."""
     out, logits = [], []
     dev = next(net.parameters()).device
     for s in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress):
         b = images[s:s + batch_size]
         if augment:
-            b = _augment(b)
+            b = _augment(b, augmentation=augment)
         b = b.to(dev).float() / 255
         out.append(net.features(b))
         if teacher is not None:
@@ -231,7 +245,7 @@ def train(train_dir: str | Path, test_dir: str | Path, output: str | Path, confi
 def _train_linear(x, y, num_classes, config, progress, device, teacher=None):
     backbone, spec = load_marking_network(config.backbone)
     backbone = backbone.to(device)
-    views = [_features(backbone, x, augment=True, desc=f"features view {v + 1}", progress=progress, teacher=teacher)
+    views = [_features(backbone, x, augment=config.augmentation, desc=f"features view {v + 1}", progress=progress, teacher=teacher)
              for v in range(config.views)]
     feats = torch.cat([f for f, _ in views])
     targets = torch.cat([t for _, t in views]) if teacher is not None else y.repeat(config.views)
@@ -268,7 +282,7 @@ def _train_scratch(x, y, num_classes, config, progress, device, teacher=None):
                    disable=not progress)
         for s in bar:
             idx = perm[s:s + config.batch_size]
-            batch = _augment(x[idx]).to(device).float() / 255
+            batch = _augment(x[idx], augmentation=config.augmentation).to(device).float() / 255
             logits = net(batch)
             if teacher is None:
                 loss = F.cross_entropy(logits, y[idx].to(device))

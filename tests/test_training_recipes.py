@@ -1,4 +1,5 @@
-"""Distillation recipe (``TrainConfig.teacher``): the student learns from the teacher's outputs, not labels.
+"""Trainer recipes: distillation (``TrainConfig.teacher``: the student learns from the teacher's outputs, not
+labels) and the trainer augmentation option.
 
 Real CIFAR-10 images (conftest's subset). The decisive test trains the teacher on a folder whose class
 folders hold the *next* class's images (a cyclic relabelling) and distils a student on the original
@@ -111,3 +112,19 @@ def test_cli_train_with_teacher(shifted_teacher, cifar_small, tmp_path):
                           str(cifar_small[1]), "--output", str(tmp_path / "t.safetensors"), "--temperature", "0"],
                          capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "positive number" in bad.stderr
+
+
+def test_trainer_augmentation_option(real_batch):
+    from radioactive.training import _augment
+
+    with pytest.raises(RadioactiveError, match="augmentation"):
+        TrainConfig(augmentation="mixup")
+    x = real_batch[0]
+    torch.manual_seed(0)
+    plain = _augment(x)
+    torch.manual_seed(0)
+    strong = _augment(x, augmentation="trivialaugment")
+    assert strong.dtype == torch.uint8 and strong.shape == x.shape
+    # the same crops and flips (same draws), then TrivialAugmentWide changes some images
+    assert not torch.equal(plain, strong)
+    assert sum(not torch.equal(p, s) for p, s in zip(plain, strong)) >= 4
