@@ -66,6 +66,11 @@ def test_mark_cli_refuses_lossy_without_allow_lossy(cifar_small, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "--allow-lossy" in proc.stderr and "lossy" in proc.stderr
     assert not (tmp_path / "rel").exists() and not (tmp_path / "rel.record.jsonl").exists()
+    png_quality = subprocess.run([sys.executable, "-m", "radioactive", "mark", "--source", str(cifar_small[0]), "--key",
+                                  str(key), "--fraction", "0.1", "--output", str(tmp_path / "rel"), "--quality", "80"],
+                                 capture_output=True, text=True, check=False)
+    assert png_quality.returncode == 2 and "lossless" in png_quality.stderr
+    assert not (tmp_path / "rel").exists()
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +116,21 @@ def test_lossy_run_measures_how_much_of_the_mark_survives(jpeg_run, cifar_small,
     # pixels back towards the source's own JPEG grid, so the released image can be nearer the vanilla one)
     assert lossless.mean() > 0 and 0 < summary.mark_survival < 0.95
     assert all(e["psnr_db_released"] != e["psnr_db"] for e in entries)
+    # every released image, marked or not, as decoded against its source
+    assert 25 < summary.psnr_db_released_p5 <= summary.psnr_db_released_mean < 60
+
+
+def test_report_of_a_lossy_release_says_so(jpeg_run, tmp_path):
+    from radioactive.detection import DetectionResult
+    from radioactive.report import html_report
+
+    summary, out, _, _, _ = jpeg_run
+    result = DetectionResult(method="white-box", log10_pvalue=-3.0, detected=True, alpha=1e-3, classes=["a"],
+                             cosines=[0.1], class_log10_pvalues=[-3.0], dim=1280, alignment_r2=1.0,
+                             num_alignment_images=100, key_fingerprint="abc")
+    html = html_report(result, tmp_path / "r.html", record=summary.record).read_text()
+    assert "Lossy release" in html and "jpeg, quality 75" in html
+    assert f"{100 * summary.mark_survival:.1f} %" in html
 
 
 def test_png_run_records_no_survival_fields(cifar_small, key, tmp_path):

@@ -39,7 +39,7 @@ def test_distillation_loss_is_t2_kl_and_zero_at_the_teacher():
     assert distillation_loss(s, t, 4.0) > 0
 
 
-@pytest.mark.parametrize("temperature", [0.0, -1.0])
+@pytest.mark.parametrize("temperature", [0.0, -1.0, 0.01, 1e20, float("nan")])
 def test_train_config_refuses_bad_temperature(temperature):
     with pytest.raises(RadioactiveError, match="temperature"):
         TrainConfig(temperature=temperature)
@@ -111,7 +111,11 @@ def test_cli_train_with_teacher(shifted_teacher, cifar_small, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "radioactive", "train", "--train", str(cifar_small[0]), "--test",
                           str(cifar_small[1]), "--output", str(tmp_path / "t.safetensors"), "--temperature", "0"],
                          capture_output=True, text=True, check=False)
-    assert bad.returncode == 2 and "positive number" in bad.stderr
+    assert bad.returncode == 2 and "temperature in [0.1, 100]" in bad.stderr
+    alone = subprocess.run([sys.executable, "-m", "radioactive", "train", "--train", str(cifar_small[0]), "--test",
+                            str(cifar_small[1]), "--output", str(tmp_path / "u.safetensors"), "--temperature", "2"],
+                           capture_output=True, text=True, check=False)
+    assert alone.returncode == 2 and "--teacher" in alone.stderr
 
 
 def test_trainer_augmentation_option(real_batch):
@@ -128,3 +132,26 @@ def test_trainer_augmentation_option(real_batch):
     # the same crops and flips (same draws), then TrivialAugmentWide changes some images
     assert not torch.equal(plain, strong)
     assert sum(not torch.equal(p, s) for p, s in zip(plain, strong)) >= 4
+
+
+def test_nan_weights_are_refused(shifted_teacher, tmp_path):
+    """A diverged model (NaN weights) is refused when loaded, instead of being tested."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(shifted_teacher)
+    state["weight"][0, 0] = float("nan")
+    bad = tmp_path / "diverged.safetensors"
+    save_file(state, str(bad))
+    shutil.copy(Path(shifted_teacher).with_suffix(".json"), bad.with_suffix(".json"))
+    with pytest.raises(RadioactiveError, match="NaN or infinite"):
+        load_suspect(bad)
+
+
+def test_student_may_not_overwrite_its_teacher(shifted_teacher, cifar_small):
+    cfg = TrainConfig(**{**RECIPE.__dict__, "teacher": shifted_teacher, "epochs": 1})
+    before = Path(shifted_teacher).read_bytes()
+    with pytest.raises(RadioactiveError, match="teacher's weights"):
+        train(cifar_small[0], cifar_small[1], shifted_teacher, cfg, progress=False)
+    assert Path(shifted_teacher).read_bytes() == before

@@ -45,6 +45,7 @@ _linf = _number(int, lambda v: 1 <= v <= 255, "an L-infinity radius in 1..255 (8
 _positive_float = _number(float, lambda v: v > 0, "a positive number")
 _nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
 _quality = _number(int, lambda v: 1 <= v <= 100, "an encoder quality in 1..100")
+_temperature = _number(float, lambda v: 0.1 <= v <= 100, "a temperature in [0.1, 100]")
 _alpha = _number(float, lambda v: 0 < v < 1, "a significance level in (0, 1)")
 
 
@@ -141,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--output-format", choices=tuple(OUTPUT_FORMATS), default="png",
                    help="encoding of every released image, marked or not; jpeg and webp are lossy, weaken the mark "
                         "and need --allow-lossy (the share of the mark that survives is then measured and printed)")
-    m.add_argument("--quality", type=_quality, default=OutputFormat().quality,
-                   help="encoder quality of a lossy --output-format, 1..100")
+    m.add_argument("--quality", type=_quality, default=None,
+                   help=f"encoder quality of a lossy --output-format, 1..100 (default {OutputFormat().quality})")
     m.add_argument("--allow-lossy", action="store_true", help="consent to a lossy --output-format")
 
     t = _sub(subs, "train", "train a suspect with a reference recipe (plays the trainer)",
@@ -166,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--teacher", type=_existing, default=None,
                    help="distillation: weights of a trained model (with its .json sidecar); the student learns from "
                         "its softened outputs on the training images, never from their labels")
-    t.add_argument("--temperature", type=_positive_float, default=TC.temperature, help="distillation temperature T")
+    t.add_argument("--temperature", type=_temperature, default=None,
+                   help=f"distillation temperature T in [0.1, 100] (with --teacher; default {TC.temperature:g})")
     t.add_argument("--augmentation", choices=("crop_flip", "trivialaugment"), default=TC.augmentation,
                    help="trainer augmentation: pad-4 random crop + flip, or the same then TrivialAugmentWide")
     t.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
@@ -265,7 +267,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.output_format != "png" and not args.allow_lossy:
             parser.error(f"--output-format {args.output_format} is lossy and weakens the mark; add --allow-lossy to "
                          "accept that (the share of the mark that survives is then measured), or keep png")
-        fmt = OutputFormat(args.output_format, args.quality, allow_lossy=args.allow_lossy)
+        if args.output_format == "png" and args.quality is not None:
+            parser.error("--quality applies to a lossy --output-format (jpeg, webp); png is lossless")
+        fmt = OutputFormat(args.output_format, args.quality or OutputFormat().quality, allow_lossy=args.allow_lossy)
         files = None
         if args.files is not None:
             files = [ln.strip() for ln in args.files.read_text().splitlines() if ln.strip()]
@@ -288,10 +292,17 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         total = (summary.num_marked + summary.num_copied + summary.num_withheld + summary.num_skipped
                  + len(summary.ignored))
         print(f"{total} files: {summary.num_marked} marked, {summary.num_copied} copied"
-              f"{f' (incl. {summary.num_holdout} withheld-marked, released vanilla)' if summary.num_holdout else ''}, "
+              f"{f' (incl. {summary.num_holdout} holdout: marked privately, released vanilla)' if summary.num_holdout else ''}, "
               f"{f'{summary.num_withheld} withheld (not released), ' if summary.num_withheld else ''}"
               f"{summary.num_skipped} skipped, {len(summary.ignored)} ignored (not images); "
               f"PSNR {summary.psnr_db_mean or float('nan'):.2f} dB", file=sys.stderr)
+        if summary.psnr_db_released_mean is not None:
+            print(f"lossy output ({summary.output_format}): released images (marked or not) as decoded: PSNR "
+                  f"{summary.psnr_db_released_mean:.2f} dB (5th percentile {summary.psnr_db_released_p5:.2f} dB) "
+                  "against their sources; the PSNR above is the marked images' before encoding", file=sys.stderr)
+        if summary.output_format != "png" and summary.mark_survival is None and summary.num_marked:
+            print(f"lossy output ({summary.output_format}): no mark to measure (the marked images moved no "
+                  "feature along their carrier before encoding)", file=sys.stderr)
         if summary.mark_survival is not None:
             print(f"lossy output ({summary.output_format}): the released marked images keep "
                   f"{100 * summary.mark_survival:.1f} % of the mark's feature shift along the carrier "
@@ -302,12 +313,15 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     elif args.command == "train":
         from .training import default_lr, train
 
+        if args.temperature is not None and args.teacher is None:
+            parser.error("--temperature is a distillation setting: give --teacher too")
         wd = args.weight_decay if args.weight_decay is not None else (0.0 if args.recipe == "linear" else 5e-4)
         cfg = TrainConfig(recipe=args.recipe, architecture=args.arch,
                           backbone=MarkingNetworkSpec(args.network, args.network_image_size), epochs=args.epochs,
                           views=args.views, batch_size=args.batch_size, lr=args.lr or default_lr(args.recipe),
                           weight_decay=wd, image_size=args.image_size, seed=args.seed,
-                          teacher=str(args.teacher) if args.teacher else None, temperature=args.temperature,
+                          teacher=str(args.teacher) if args.teacher else None,
+                          temperature=TC.temperature if args.temperature is None else args.temperature,
                           augmentation=args.augmentation)
         _emit(train(_folder_or_archive(args.train), _folder_or_archive(args.test, "test"), args.output, cfg, progress=sys.stderr.isatty(), device=args.device).to_dict())
     elif args.command == "detect":

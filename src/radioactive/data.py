@@ -518,7 +518,9 @@ class OutputFormat:
     how much of the mark survives.
 
     Attributes:
-        format: ``png``, ``jpeg`` (baseline, Pillow's 4:2:0 chroma subsampling) or ``webp`` (lossy).
+        format: ``png``, ``jpeg`` (baseline, no chroma subsampling: 4:4:4) or ``webp`` (lossy, 4:2:0 as
+            the format requires). JPEG keeps full-resolution chroma because the libjpeg default (4:2:0)
+            cost 3 to 5 dB of PSNR at quality 95 on 128 px photos (docs/images.md, "Lossy output").
         quality: encoder quality of the lossy formats, 1..100 (Pillow's scale); ignored for ``png``.
         allow_lossy: the caller's explicit consent to a lossy format.
 
@@ -568,7 +570,7 @@ class OutputFormat:
         buf = io.BytesIO()
         extra = {"icc_profile": icc_profile} if icc_profile else {}
         if self.format == "jpeg":
-            Image.fromarray(image, "RGB").save(buf, format="JPEG", quality=self.quality, **extra)
+            Image.fromarray(image, "RGB").save(buf, format="JPEG", quality=self.quality, subsampling=0, **extra)
         else:
             Image.fromarray(image, "RGB").save(buf, format="WEBP", quality=self.quality, method=4, **extra)
         return buf.getvalue()

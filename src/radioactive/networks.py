@@ -318,8 +318,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     name (DataParallel) is removed.
 
     Raises:
-        RadioactiveError: unreadable file, or objects other than tensors.
+        RadioactiveError: unreadable file, objects other than tensors, or floating-point tensors holding
+            NaN or infinite values (a diverged training: no test result on it would mean anything).
     """
+    state = _read_state_dict(Path(path))
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise RadioactiveError(f"{path} holds NaN or infinite weights ({len(bad)} tensors, e.g. {bad[0]}): "
+                               "the model diverged; nothing can be tested on it")
+    return state
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     path = Path(path)

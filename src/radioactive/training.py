@@ -31,7 +31,7 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from . import __version__
-from .data import atomic_write_bytes, list_image_folder, load_folder_array
+from .data import atomic_write_bytes, list_image_folder, load_folder_array, sha256_file
 from .errors import RadioactiveError
 from .networks import (
     CIFAR_MEAN,
@@ -74,7 +74,7 @@ class TrainConfig:
             classes. When set, the loss is distillation, ``T^2 KL(softmax(z_t / T) || softmax(z_s / T))``
             (Hinton et al. 2015, Section 2), between the teacher's logits z_t and the student's z_s on the
             same augmented image; the folder's labels are not used.
-        temperature: T of the distillation loss (> 0).
+        temperature: T of the distillation loss, in [0.1, 100].
         augmentation: the trainer's augmentation: ``crop_flip`` (pad-4 random crop + horizontal flip) or
             ``trivialaugment`` (the same, then ``torchvision.transforms.v2.TrivialAugmentWide`` per image).
     """
@@ -101,8 +101,8 @@ class TrainConfig:
         if self.augmentation not in TRAINER_AUGMENTATIONS:
             raise RadioactiveError(f"augmentation must be one of {', '.join(TRAINER_AUGMENTATIONS)}, "
                                    f"got {self.augmentation!r}")
-        if not self.temperature > 0:
-            raise RadioactiveError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.1 <= self.temperature <= 100:
+            raise RadioactiveError(f"temperature must be in [0.1, 100] (Hinton et al. use 1 to 20), got {self.temperature}")
 
 
 @dataclass
@@ -170,7 +170,10 @@ def _teacher(config: TrainConfig, classes: list[str], device: str) -> FeatureNet
         return None
     net, meta = load_suspect(config.teacher)
     if list(meta["classes"]) != list(classes):
-        raise RadioactiveError(f"the teacher {config.teacher} was trained on other classes than the training folder's")
+        theirs, ours = list(meta["classes"]), list(classes)
+        raise RadioactiveError(f"the teacher {config.teacher} has other classes ({len(theirs)}: {', '.join(theirs[:5])}"
+                               f"{', ...' if len(theirs) > 5 else ''}) than the training folder ({len(ours)}: "
+                               f"{', '.join(ours[:5])}{', ...' if len(ours) > 5 else ''}), in output order")
     return net.to(device)
 
 
@@ -217,6 +220,8 @@ def train(train_dir: str | Path, test_dir: str | Path, output: str | Path, confi
     output = Path(output)
     if output.suffix != ".safetensors":
         raise RadioactiveError(f"weights are written as .safetensors, got {output.name}")
+    if config.teacher is not None and Path(config.teacher).resolve() == output.resolve():
+        raise RadioactiveError(f"the output {output} is the teacher's weights; write the student elsewhere")
     train_f, x_train, y_train = _load(Path(train_dir), config.image_size)
     _, x_test, y_test = _load(Path(test_dir), config.image_size, train_f.classes)
     classes = list(train_f.classes)
@@ -227,14 +232,20 @@ def train(train_dir: str | Path, test_dir: str | Path, output: str | Path, confi
             model, state, meta = _train_linear(x_train, y_train, len(classes), config, progress, device, teacher)
         else:
             model, state, meta = _train_scratch(x_train, y_train, len(classes), config, progress, device, teacher)
-    acc = accuracy(model, x_test, y_test)
     state = {k: v.cpu() for k, v in state.items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise RadioactiveError(f"training diverged: {len(bad)} weight tensors hold NaN or infinite values "
+                               f"(e.g. {bad[0]}); lower the learning rate{' or the temperature' if config.teacher else ''}")
+    acc = accuracy(model, x_test, y_test)
     meta.update({
         "schema": SIDECAR_SCHEMA, "package_version": __version__, "kind": "radioactive-suspect",
         "classes": classes, "recipe": asdict(config), "test_accuracy": acc,
         "train_dir": str(Path(train_dir)), "num_train": len(x_train), "num_test": len(x_test),
     })
     meta["recipe"]["backbone"] = config.backbone.to_dict()
+    if config.teacher is not None:
+        meta["teacher_sha256"] = sha256_file(config.teacher)
     atomic_write_bytes(output, save({k: v.contiguous() for k, v in state.items()}))
     side = sidecar_path(output)
     atomic_write_bytes(side, json.dumps(meta, indent=2).encode())

@@ -70,7 +70,11 @@ class MarkSummary:
             carrier (marking network, centre view; :func:`radioactive.marking.optimise.carrier_shifts`) of the
             released marked images, before encoding and as a reader decodes them.
         mark_survival: lossy formats only: ``carrier_shift_mean / carrier_shift_lossless_mean``, the share
-            of the mark's feature shift that the encoding kept (1: all of it, as with png).
+            of the mark's feature shift that the encoding kept (None for png, which keeps all of it, and when
+            the marked images moved no feature before encoding).
+        psnr_db_released_mean, psnr_db_released_p5: lossy formats only: PSNR of every released image
+            (marked or not) as decoded, against its source (dB); ``psnr_db_mean`` is the marked images'
+            before encoding.
     """
 
     output: str
@@ -91,6 +95,8 @@ class MarkSummary:
     carrier_shift_lossless_mean: float | None = None
     carrier_shift_mean: float | None = None
     mark_survival: float | None = None
+    psnr_db_released_mean: float | None = None
+    psnr_db_released_p5: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,6 +127,8 @@ def _run_units(plan: RunPlan, key: Key, kept: dict[int, list], journal: Journal,
     def run_unit(n: int, unit: Unit) -> dict:
         """Do one unit and return its journal line."""
         out = {"unit": n, "files": [], "entries": [], "psnr": [], "skipped": [], "copied": 0}
+        if fmt.lossy:
+            out["released_psnr"] = []  # every released image as decoded, against its source
 
         def write(base: str, rel: str, data: bytes) -> str:
             out["files"].append([base, rel, write_atomic(bases[base] / rel, data)])
@@ -144,8 +152,12 @@ def _run_units(plan: RunPlan, key: Key, kept: dict[int, list], journal: Journal,
                 continue
             icc[i] = image.icc_profile  # kept in marked and unmarked outputs alike
             if unit.kind == "copy":
-                write("output", output_name(folder.files[i], fmt.suffix), fmt.encode(image.pixels, image.icc_profile))
+                data = fmt.encode(image.pixels, image.icc_profile)
+                write("output", output_name(folder.files[i], fmt.suffix), data)
                 out["copied"] += 1
+                if fmt.lossy:
+                    pr = psnr_db(image.pixels, fmt.decode(data))
+                    out["released_psnr"].append(None if math.isinf(pr) else pr)
             else:
                 imgs.append(image.pixels)
                 idx.append(i)
@@ -178,6 +190,8 @@ def _run_units(plan: RunPlan, key: Key, kept: dict[int, list], journal: Journal,
                 entry.update(psnr_db_released=None if math.isinf(pr) else round(pr, 4),
                              carrier_shift_lossless=round(float(lossless[j]), 5),
                              carrier_shift=round(float(kept_shift[j]), 5))
+                if released:
+                    out["released_psnr"].append(None if math.isinf(pr) else pr)
             out["entries"].append(entry)
         return out
 
@@ -213,7 +227,7 @@ def _merge(plan: RunPlan, t0: float) -> MarkSummary:
             f"{len(missing)} units of the run (e.g. unit {missing[0]}) are in no journal beside {plan.record}: the "
             "output and the record must be on a filesystem that every rank (every node) shares; run again with --resume")
     folder = plan.folder
-    psnr = array("d")
+    psnr, released_psnr = array("d"), array("d")
     skipped: dict[str, str] = {}
     num_marked = num_entries = num_copied = linf_max = 0
     shift_sums = [0.0, 0.0]  # released marked images: carrier shift before / after a lossy encoding
@@ -234,6 +248,7 @@ def _merge(plan: RunPlan, t0: float) -> MarkSummary:
                     shift_sums[1] += e["carrier_shift"]
                 linf_max = max(linf_max, e["linf"])
             psnr.extend(p for p in r["psnr"] if p is not None)
+            released_psnr.extend(p for p in r.get("released_psnr", []) if p is not None)
             num_copied += r["copied"]
             for f, why in r["skipped"]:
                 skipped.setdefault(f, why)
@@ -244,6 +259,9 @@ def _merge(plan: RunPlan, t0: float) -> MarkSummary:
     for p in part_paths(plan.record):
         p.unlink(missing_ok=True)
     finite = np.frombuffer(psnr, dtype=np.float64)
+    rel = np.frombuffer(released_psnr, dtype=np.float64)
+    lossy_psnr = ({"psnr_db_released_mean": float(np.mean(rel)), "psnr_db_released_p5": float(np.percentile(rel, 5))}
+                  if plan.output_format.lossy and rel.size else {})
     return MarkSummary(
         output=str(plan.output), record=str(plan.record), num_images=len(folder), num_marked=num_marked,
         num_copied=num_copied, num_holdout=num_entries - num_marked, num_withheld=len(plan.withheld),
@@ -252,7 +270,7 @@ def _merge(plan: RunPlan, t0: float) -> MarkSummary:
         psnr_db_mean=float(np.mean(finite)) if finite.size else None,
         psnr_db_p5=float(np.percentile(finite, 5)) if finite.size else None,
         linf_max=linf_max, seconds=time.time() - t0, output_format=plan.output_format.describe(),
-        **_survival(plan.output_format.lossy, num_marked, *shift_sums),
+        **_survival(plan.output_format.lossy, num_marked, *shift_sums), **lossy_psnr,
     )
 
 
