@@ -5,7 +5,8 @@ Output folder rules (``radioactive mark --output``):
 * A missing or empty folder is written into.
 * A non-empty folder is refused, unless ``--resume`` or ``--overwrite`` is given (not both).
 * With either flag, every file in it must be one a run of ``mark`` on this source writes: ``<rel>.png``
-  for a source image ``<rel>`` (marked or copied), ``<rel>`` itself (an unreadable image copied unchanged),
+  (or ``.jpg``, ``.webp``: any output format, so a run may ``--overwrite`` one in another format) for a
+  source image ``<rel>`` (marked or copied), ``<rel>`` itself (an unreadable image copied unchanged),
   or a leftover temporary file of an atomic write (``.radioactive-*.partial``, ``.tmp-*``). Anything else
   (another file, a symlink) is refused and named: it would be released with the copy, and deleting it
   could lose data. Nothing outside the output folder is ever deleted, except the run's own journal and
