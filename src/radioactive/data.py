@@ -481,6 +481,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
+def _check_rgb8(image: np.ndarray) -> None:
+    """Raises ValueError unless ``image`` is (H, W, 3) uint8."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {image.shape} {image.dtype}")
+
+
 def encode_png(image: np.ndarray, icc_profile: bytes | None = None) -> bytes:
     """Encode an image as PNG with no metadata but its ICC profile.
 
@@ -495,8 +501,7 @@ def encode_png(image: np.ndarray, icc_profile: bytes | None = None) -> bytes:
     Raises:
         ValueError: ``image`` is not (H, W, 3) uint8.
     """
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {image.shape} {image.dtype}")
+    _check_rgb8(image)
     buf = io.BytesIO()
     extra = {"icc_profile": icc_profile} if icc_profile else {}
     Image.fromarray(image, "RGB").save(buf, format="PNG", compress_level=6, **extra)
@@ -566,8 +571,7 @@ class OutputFormat:
         """
         if self.format == "png":
             return encode_png(image, icc_profile)
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {image.shape} {image.dtype}")
+        _check_rgb8(image)
         buf = io.BytesIO()
         extra = {"icc_profile": icc_profile} if icc_profile else {}
         if self.format == "jpeg":

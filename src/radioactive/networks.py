@@ -307,6 +307,11 @@ def sidecar_path(weights: Path) -> Path:
     return weights.with_suffix(".json")
 
 
+def nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` holding a NaN or an infinite value."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint, without running code from the file.
 
@@ -322,7 +327,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             NaN or infinite values (a diverged training: no test result on it would mean anything).
     """
     state = _read_state_dict(Path(path))
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = nonfinite_tensors(state)
     if bad:
         raise RadioactiveError(f"{path} holds NaN or infinite weights ({len(bad)} tensors, e.g. {bad[0]}): "
                                "the model diverged; nothing can be tested on it")

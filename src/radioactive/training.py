@@ -44,6 +44,7 @@ from .networks import (
     build_architecture,
     load_marking_network,
     load_suspect,
+    nonfinite_tensors,
     sidecar_path,
 )
 
@@ -233,7 +234,7 @@ def train(train_dir: str | Path, test_dir: str | Path, output: str | Path, confi
         else:
             model, state, meta = _train_scratch(x_train, y_train, len(classes), config, progress, device, teacher)
     state = {k: v.cpu() for k, v in state.items()}
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = nonfinite_tensors(state)
     if bad:
         raise RadioactiveError(f"training diverged: {len(bad)} weight tensors hold NaN or infinite values "
                                f"(e.g. {bad[0]}); lower the learning rate{' or the temperature' if config.teacher else ''}")

@@ -102,6 +102,11 @@ class MarkSummary:
         return asdict(self)
 
 
+def _finite(db: float) -> float | None:
+    """A PSNR for JSON: None for identical images (infinite PSNR)."""
+    return None if math.isinf(db) else db
+
+
 @functools.cache
 def _heap_trimmer() -> Callable[[], object]:
     """glibc's ``malloc_trim(0)``, or a no-op where there is none (macOS, musl)."""
@@ -157,7 +162,7 @@ def _run_units(plan: RunPlan, key: Key, kept: dict[int, list], journal: Journal,
                 out["copied"] += 1
                 if fmt.lossy:
                     pr = psnr_db(image.pixels, fmt.decode(data))
-                    out["released_psnr"].append(None if math.isinf(pr) else pr)
+                    out["released_psnr"].append(_finite(pr))
             else:
                 imgs.append(image.pixels)
                 idx.append(i)
@@ -178,20 +183,20 @@ def _run_units(plan: RunPlan, key: Key, kept: dict[int, list], journal: Journal,
             out_rel = output_name(folder.files[i], fmt.suffix)
             sha = write("output" if released else "holdout", out_rel, encoded[j])
             p = psnr_db(vanilla, m)
-            out["psnr"].append(None if math.isinf(p) else p)
+            out["psnr"].append(_finite(p))
             entry = {
                 "source": folder.files[i], "output": out_rel, "class": folder.classes[k], "carrier_index": k,
-                "psnr_db": None if math.isinf(p) else round(p, 4),
+                "psnr_db": _finite(round(p, 4)),
                 "linf": int(np.abs(vanilla.astype(np.int16) - m.astype(np.int16)).max()),
                 "sha256": sha, "released": released,
             }
             if fmt.lossy:
                 pr = psnr_db(vanilla, decoded[j])
-                entry.update(psnr_db_released=None if math.isinf(pr) else round(pr, 4),
+                entry.update(psnr_db_released=_finite(round(pr, 4)),
                              carrier_shift_lossless=round(float(lossless[j]), 5),
                              carrier_shift=round(float(kept_shift[j]), 5))
                 if released:
-                    out["released_psnr"].append(None if math.isinf(pr) else pr)
+                    out["released_psnr"].append(_finite(pr))
             out["entries"].append(entry)
         return out
 
