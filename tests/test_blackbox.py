@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import save_file
 from scipy import stats as sps
 
-from radioactive.blackbox import (blackbox_detect, control_test, membership_test, paired_test, read_outputs_file,
-                                  read_record, true_class_loss)
+from radioactive.blackbox import (blackbox_detect, control_test, default_mirror_dir, membership_test, mirror_image,
+                                  paired_test, read_outputs_file, read_record, true_class_loss, write_mirror_images)
 from radioactive.data import list_image_folder, load_rgb
 from radioactive.detection import DetectionResult
 from radioactive.errors import RadioactiveError
@@ -324,12 +324,16 @@ def test_select_holdout_excludes_marked_and_is_seeded(cifar_small):
 # ----------------------------------------------------------------------------- blackbox_detect from outputs
 
 
-def _write_outputs(path: Path, entries, fn, kind="logits", relative=False):
+def _write_outputs(path: Path, entries, fn, kind="logits", relative=False, mirror=None):
     """An outputs file: for every entry, a row for its marked version (entry.output) and one for its vanilla
-    version (entry.source); fn(entry, 'marked' | 'vanilla') -> (K,) outputs."""
+    version (entry.source), and with ``mirror`` (a mirror folder) one for its mirror;
+    fn(entry, 'marked' | 'vanilla' | 'mirror') -> (K,) outputs."""
     rows = []
     for e in entries:
-        for version, p in (("marked", e.output), ("vanilla", e.source)):
+        versions = [("marked", e.output), ("vanilla", e.source)]
+        if mirror is not None:
+            versions.append(("mirror", Path(mirror) / e.mirror_name))
+        for version, p in versions:
             name = os.path.relpath(p, path.parent.resolve()) if relative else str(p)
             rows.append((name, np.asarray(fn(e, version), dtype=np.float64)))
     if path.suffix == ".csv":
@@ -465,6 +469,80 @@ def test_blackbox_record_with_some_classes_uses_key_class_order(cifar_small, key
     assert res.extra["pairs"] == 24 and res.detected
 
 
+# ----------------------------------------------------------------------------- mirror images and the mirror tests
+
+
+def test_mirror_image_subtracts_the_mark_and_clips():
+    v = np.array([[[10, 200, 0]]], dtype=np.uint8)
+    m = np.array([[[13, 190, 5]]], dtype=np.uint8)
+    x = mirror_image(v, m)
+    assert x.dtype == np.uint8 and x.tolist() == [[[7, 210, 0]]]  # 2v - m, clipped at 0
+    assert mirror_image(np.full((1, 1, 3), 250, np.uint8), np.full((1, 1, 3), 240, np.uint8)).max() == 255
+    with pytest.raises(RadioactiveError, match="shape"):
+        mirror_image(np.zeros((2, 2, 3), np.uint8), np.zeros((2, 3, 3), np.uint8))
+
+
+def test_write_mirror_images_writes_every_marked_image_once(holdout_run, entries, tmp_path):
+    res = write_mirror_images(holdout_run["record"], tmp_path / "mirror")
+    files = sorted((tmp_path / "mirror").rglob("*.png"))
+    assert res["num_images"] == len(entries) == len(files) == 60
+    assert {f.relative_to(tmp_path / "mirror").as_posix() for f in files} == {e.mirror_name for e in entries}
+    for e in entries[:5] + entries[-5:]:
+        x = load_rgb(tmp_path / "mirror" / e.mirror_name)
+        np.testing.assert_array_equal(x, mirror_image(load_rgb(e.source), load_rgb(e.output)))
+        assert not np.array_equal(x, load_rgb(e.source))  # the mark was subtracted
+    with pytest.raises(RadioactiveError, match="exists"):
+        write_mirror_images(holdout_run["record"], tmp_path / "mirror")
+    assert not list(tmp_path.glob("*.partial"))
+    assert default_mirror_dir(holdout_run["record"]).name == holdout_run["record"].stem + ".mirror"
+
+
+def _memorising_with_mirror(seed=0):
+    """A model trained on the release that also scores mirrors: the released version of each image is fitted
+    best, and the mirror of a released marked image (twice as far from it as the vanilla image) worst."""
+    rng = np.random.default_rng(seed)
+
+    def fn(e, version):
+        seen = (version == "marked") == e.released
+        fit = {True: 4.0, False: 2.0}[seen] if version != "mirror" else (1.0 if e.released else 2.0)
+        row = 0.1 * rng.standard_normal(K)
+        row[e.label] = fit + 0.3 * rng.standard_normal()
+        return row
+
+    return fn
+
+
+def test_blackbox_mirror_tests_from_outputs(holdout_run, entries, tmp_path):
+    mirror = write_mirror_images(holdout_run["record"], tmp_path / "mirror")["mirror"]
+    f = _write_outputs(tmp_path / "o.jsonl", entries, _memorising_with_mirror(), mirror=mirror)
+    res = blackbox_detect(holdout_run["record"], outputs=f, mirror_root=mirror)
+    assert res.extra["mirror_paired_log10_pvalue"] < -6 and res.extra["control_mirror_log10_pvalue"] < -6
+    assert res.extra["median_mirror_difference"] > 0
+    # without the mirror outputs (or at the default folder, which does not exist) the mirror tests are not run
+    g = _write_outputs(tmp_path / "g.jsonl", entries, _memorising_with_mirror())
+    res2 = blackbox_detect(holdout_run["record"], outputs=g, mirror_root=mirror)
+    assert "mirror_paired_log10_pvalue" not in res2.extra and "control_mirror_log10_pvalue" not in res2.extra
+    assert res2.log10_pvalue == res2.extra["control_log10_pvalue"]
+
+
+def test_blackbox_mirror_control_test_ignores_a_model_that_merely_prefers_marked_images(holdout_run, entries,
+                                                                                        tmp_path):
+    """A model that fits every marked image better than its mirror, released or not (it knows the key, or the
+    marks suit it): the mirror paired test fires, the exact mirror control test does not."""
+    rng = np.random.default_rng(4)
+
+    def fn(e, version):
+        row = 0.1 * rng.standard_normal(K)
+        row[e.label] = {"marked": 4.0, "vanilla": 3.0, "mirror": 2.0}[version] + 0.3 * rng.standard_normal()
+        return row
+
+    mirror = write_mirror_images(holdout_run["record"], tmp_path / "mirror")["mirror"]
+    f = _write_outputs(tmp_path / "o.jsonl", entries, fn, mirror=mirror)
+    res = blackbox_detect(holdout_run["record"], outputs=f, mirror_root=mirror)
+    assert res.extra["mirror_paired_log10_pvalue"] < -6
+    assert res.extra["control_mirror_log10_pvalue"] > -3 and not res.detected
+
+
 # ----------------------------------------------------------------------------- blackbox_detect on a runnable suspect
 
 
@@ -490,6 +568,8 @@ def test_blackbox_runnable_suspect(holdout_run, entries, key, tmp_path):
     assert res.extra["num_holdout_images"] == 30 and "Mann-Whitney" in res.extra["test"]
     assert res.suspect["path"] == str(suspect)
     assert not res.detected  # random head that never saw the release (p not below 1e-3)
+    # the mirrors are computed on the fly for a runnable suspect
+    assert -3 < res.extra["mirror_paired_log10_pvalue"] <= 0 and -3 < res.extra["control_mirror_log10_pvalue"] <= 0
 
 
 # ----------------------------------------------------------------------------- command line
@@ -582,3 +662,20 @@ def test_membership_test_rejects_empty_or_mismatched_input():
         membership_test(np.ones(3), np.ones(2), np.zeros(2), np.zeros(2))
     with pytest.raises(RadioactiveError, match="no class"):
         membership_test(np.ones(3), np.ones(2), np.zeros(3), np.ones(2))
+
+
+def test_cli_mirror_images_then_black_box_with_mirror_outputs(holdout_run, entries, tmp_path, capsys):
+    from radioactive.cli import main
+
+    folder = tmp_path / "queries"
+    assert main(["mirror-images", "--record", str(holdout_run["record"]), "--output", str(folder)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"mirror": str(folder), "num_images": len(entries)}
+    assert main(["mirror-images", "--record", str(holdout_run["record"]), "--output", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert "exists" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    f = _write_outputs(tmp_path / "api.jsonl", entries, _memorising_with_mirror(), mirror=folder)
+    rc = main(["detect", "--method", "black-box", "--record", str(holdout_run["record"]), "--outputs", str(f),
+               "--mirror", str(folder)])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["extra"]["control_mirror_log10_pvalue"] < -6

@@ -39,6 +39,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats as sstats
 
-from .data import load_rgb
+from .data import encode_png, load_rgb
 from .detection import DetectionResult
 from .errors import RadioactiveError
 
@@ -58,6 +59,12 @@ class RecordEntry:
     label: int
     class_name: str
     released: bool = True
+    name: str = ""  # the record's output name (relative to the released or holdout folder)
+
+    @property
+    def mirror_name(self) -> str:
+        """Relative PNG path of this image's mirror in a mirror folder (see :func:`write_mirror_images`)."""
+        return f"{'released' if self.released else 'holdout'}/{Path(self.name).with_suffix('.png').as_posix()}"
 
 
 def read_record(record: str | Path, source_root: str | Path | None = None,
@@ -94,7 +101,8 @@ def read_record(record: str | Path, source_root: str | Path | None = None,
         try:
             base = out if ln.get("released", True) else hold
             s, o = (src / ln["source"]).resolve(), (base / ln["output"]).resolve()
-            entry = RecordEntry(s, o, int(ln["carrier_index"]), str(ln["class"]), bool(ln.get("released", True)))
+            entry = RecordEntry(s, o, int(ln["carrier_index"]), str(ln["class"]), bool(ln.get("released", True)),
+                                str(ln["output"]))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise RadioactiveError(f"{record}: malformed entry on line {n} ({e!r})") from e
         if not s.is_relative_to(src) or not o.is_relative_to(base):
@@ -184,14 +192,87 @@ def paired_test(loss_vanilla: np.ndarray, loss_marked: np.ndarray) -> tuple[floa
 
 def model_outputs(net, paths: list[Path], image_size: int | None = None, batch_size: int = 250) -> np.ndarray:
     """Logits (N, K) of a runnable suspect on image files."""
+    return _outputs(net, lambda i: load_rgb(paths[i]), len(paths), image_size, batch_size)
+
+
+def mirror_image(vanilla: np.ndarray, marked: np.ndarray) -> np.ndarray:
+    """The mirror of a marked image: the mark subtracted instead of added, ``clip(2 x - x_marked, 0, 255)``.
+
+    Never released: the suspect cannot have trained on it. A model that fitted the marked version
+    x + delta sits at distance 2 |delta| from the mirror x - delta, against |delta| from the vanilla x,
+    so to second order its loss rises 4 times as much there (the mirror paired test, see
+    :func:`blackbox_detect`).
+
+    Args:
+        vanilla, marked: (H, W, 3) uint8 RGB of the same shape.
+
+    Returns:
+        (H, W, 3) uint8.
+
+    Raises:
+        RadioactiveError: shapes that differ (the marked file is not a copy of the vanilla image).
+    """
+    if vanilla.shape != marked.shape:
+        raise RadioactiveError(f"marked image {marked.shape} and vanilla image {vanilla.shape} differ in shape")
+    return np.clip(2 * vanilla.astype(np.int16) - marked.astype(np.int16), 0, 255).astype(np.uint8)
+
+
+def default_mirror_dir(record: str | Path) -> Path:
+    """Where :func:`write_mirror_images` writes by default: ``<record folder>/<record stem>.mirror``."""
+    record = Path(record)
+    return record.parent / f"{record.stem}.mirror"
+
+
+def write_mirror_images(record: str | Path, out: str | Path | None = None, source_root=None,
+                        released_root=None) -> dict:
+    """Write the mirror (:func:`mirror_image`) of every marked image of a record as PNG, for black-box
+    detection through an API: query the suspect with these files too and add their outputs to the
+    outputs file; :func:`blackbox_detect` then runs the mirror tests.
+
+    Layout: ``out/released/<output name>.png`` and ``out/holdout/<output name>.png`` (the record's
+    output names, suffix ``.png``). The folder is written in full under a temporary name and renamed, so
+    it is either complete or absent. Keep it private, like the record: the mirrors reveal the marks.
+
+    Args:
+        record: the private record of ``mark``.
+        out: folder to create (default :func:`default_mirror_dir`); must not exist.
+
+    Returns:
+        ``{"mirror": folder, "num_images": n}``.
+
+    Raises:
+        RadioactiveError: as :func:`read_record`; ``out`` exists; unreadable images; a marked image whose
+        size differs from its vanilla version.
+    """
+    _, entries = read_record(record, source_root, released_root)
+    out = Path(out) if out is not None else default_mirror_dir(record)
+    if out.exists():
+        raise RadioactiveError(f"{out} exists; remove it or choose another folder")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for e in entries:
+            dst = tmp / e.mirror_name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(encode_png(mirror_image(load_rgb(e.source), load_rgb(e.output))))
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"mirror": str(out), "num_images": len(entries)}
+
+
+def _outputs(net, load, n: int, image_size: int | None, batch_size: int) -> np.ndarray:
+    """Logits (n, K) of ``net`` on images ``load(0..n-1)`` ((H, W, 3) uint8), resized bilinearly to
+    ``image_size`` when given, in batches."""
     import torch
     from PIL import Image
 
     out = []
-    for s in range(0, len(paths), batch_size):
+    for s in range(0, n, batch_size):
         imgs = []
-        for p in paths[s:s + batch_size]:
-            a = load_rgb(p)
+        for i in range(s, min(n, s + batch_size)):
+            a = load(i)
             if image_size is not None and a.shape[:2] != (image_size, image_size):
                 a = np.asarray(Image.fromarray(a).resize((image_size, image_size), Image.BILINEAR))
             imgs.append(a)
@@ -246,7 +327,8 @@ def read_outputs_file(path: str | Path) -> tuple[dict[str, np.ndarray], str]:
 
 def blackbox_detect(record: str | Path, suspect: str | Path | None = None, outputs: str | Path | None = None,
                     alpha: float = 1e-3, classes: list[str] | None = None, source_root=None,
-                    released_root=None, only_classes: list[str] | None = None) -> DetectionResult:
+                    released_root=None, only_classes: list[str] | None = None,
+                    mirror_root: str | Path | None = None) -> DetectionResult:
     """Black-box test of a suspect from its outputs on the marked images and their vanilla versions.
 
     Args:
@@ -282,6 +364,8 @@ def blackbox_detect(record: str | Path, suspect: str | Path | None = None, outpu
         size = meta.get("preprocessing", {}).get("image_size")
         o_marked = model_outputs(net, [e.output for e in entries], size)
         o_vanilla = model_outputs(net, [e.source for e in entries], size)
+        o_mirror = _outputs(net, lambda i: mirror_image(load_rgb(entries[i].source), load_rgb(entries[i].output)),
+                            len(entries), size, 250)
         kind = "logits"
     else:
         rows, kind = read_outputs_file(outputs)
@@ -291,6 +375,10 @@ def blackbox_detect(record: str | Path, suspect: str | Path | None = None, outpu
         entries = [e for e in entries if e not in missing]
         o_marked = np.stack([rows[str(e.output)] for e in entries])
         o_vanilla = np.stack([rows[str(e.source)] for e in entries])
+        mroot = Path(mirror_root) if mirror_root is not None else default_mirror_dir(record)
+        mirrors = [str((mroot / e.mirror_name).resolve()) for e in entries]
+        # the mirror tests run only when the API was asked about every mirror (see write_mirror_images)
+        o_mirror = np.stack([rows[m] for m in mirrors]) if all(m in rows for m in mirrors) else None
         s_classes = classes or header.get("classes")
     if s_classes is None:  # outputs in the key's class order: the record's carrier index
         labels = np.array([e.label for e in entries])
@@ -310,11 +398,20 @@ def blackbox_detect(record: str | Path, suspect: str | Path | None = None, outpu
              "paired_log10_pvalue": paired_log10_p, "pairs": n, "median_loss_difference": median,
              "num_marked_images": int(released.sum()), "num_holdout_images": int((~released).sum())}
     log10_p = paired_log10_p
+    if o_mirror is not None:
+        lx = true_class_loss(o_mirror, labels, kind)
+        mirror_log10_p, _, mirror_median = paired_test(lx[released], lm[released])
+        extra.update({"mirror_paired_test": "one-sided Wilcoxon signed-rank on loss(mirror) - loss(marked), "
+                                            "released images (mirror: the mark subtracted)",
+                      "mirror_paired_log10_pvalue": mirror_log10_p, "median_mirror_difference": mirror_median})
     if (~released).any():
         d = lv - lm
         log10_p, med_b = control_test(d[released], d[~released])
         extra.update({"test": "one-sided Mann-Whitney U: d on released marked images > d on withheld marked images",
                       "median_loss_difference_holdout": med_b, "control_log10_pvalue": log10_p})
+        if o_mirror is not None:
+            dx = lx - lm
+            extra["control_mirror_log10_pvalue"] = control_test(dx[released], dx[~released])[0]
     else:
         extra["test"] = extra["paired_test"]
     return DetectionResult(
@@ -475,6 +572,7 @@ def membership_detect(record: str | Path, suspect: str | Path | None = None, out
         out = model_outputs(net, [p for p, _ in items], size)
         kind = "logits"
     else:
+        o_mirror = None  # an API was not asked about the mirror images
         rows, kind = read_outputs_file(outputs)
         items = [it for it in items if str(it[0]) in rows]
         if not any(str(p) in rows for p, _ in withheld):

@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--record", type=_existing, default=None, help="black-box: the private record written by mark")
     d.add_argument("--outputs", type=_existing, default=None,
                    help="black-box: JSON lines or CSV of the suspect's outputs (path, logits or probs)")
+    d.add_argument("--mirror", type=_existing, default=None,
+                   help="black-box with --outputs: folder written by mirror-images (default <record>.mirror)")
     d.add_argument("--output", type=Path, default=None, help="result JSON to write")
     d.add_argument("--plot", type=Path, default=None, help="PNG of per-class cosines against the null density")
     d.add_argument("--alpha", type=_alpha, default=1e-3, help="significance level of the verdict")
@@ -197,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "(default: the sidecar's 'classifier', else the last nn.Linear)")
     d.add_argument("--decoys", type=_nonneg_int, default=0,
                    help="white-box: also score this many fresh random keys and report the real key's rank")
+
+    mi = _sub(subs, "mirror-images", "write the mirrors of the marked images (the mark subtracted) to query an API with",
+              "radioactive mirror-images --record released.record.jsonl   # then add their outputs to --outputs")
+    mi.add_argument("--record", type=_existing, required=True, help="the private record written by mark")
+    mi.add_argument("--output", type=Path, default=None,
+                    help="folder to create (default: <record>.mirror next to the record); keep it private")
 
     c = _sub(subs, "calibrate", "check that keys a model never saw give uniform p-values",
              "radioactive calibrate --suspect vanilla.safetensors --key key.safetensors --images test/ --keys 1000")
@@ -344,13 +352,18 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             if args.method == "membership":
                 result = membership_detect(args.record, args.suspect, args.outputs, alpha=args.alpha)
             else:
-                result = blackbox_detect(args.record, args.suspect, args.outputs, alpha=args.alpha, only_classes=only)
+                result = blackbox_detect(args.record, args.suspect, args.outputs, alpha=args.alpha, only_classes=only,
+                                         mirror_root=args.mirror)
         if args.plot and result.method == "white-box":
             plot_cosines(result, args.plot)
         if args.output:
             result.save(args.output)
         print(result.verdict(), file=sys.stderr)
         _emit(result.to_dict())
+    elif args.command == "mirror-images":
+        from .blackbox import write_mirror_images
+
+        _emit(write_mirror_images(args.record, args.output))
     elif args.command == "calibrate":
         from .calibration import calibrate_weights, random_weights
         from .data import atomic_write_bytes
