@@ -23,8 +23,8 @@ from pathlib import Path
 
 from radioactive.blackbox import blackbox_detect
 
-KEYS = ("paired_log10_pvalue", "mirror_paired_log10_pvalue", "control_log10_pvalue", "control_mirror_log10_pvalue",
-        "median_loss_difference", "median_mirror_difference", "num_marked_images", "num_holdout_images")
+KEYS = ("paired_log10_pvalue", "control_log10_pvalue", "control_mirror_log10_pvalue", "median_loss_difference",
+        "median_mirror_difference", "class_mean_mirror_difference", "num_marked_images", "num_holdout_images")
 
 
 def reproduce_cell(cell_id: str) -> tuple[Path, list[Path]]:

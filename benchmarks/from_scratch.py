@@ -158,7 +158,7 @@ def main(argv=None) -> int:
                      "decoy_empirical_log10_p": wb.extra["decoys"]["empirical_log10_pvalue"],
                      "log10_p_blackbox": bb.log10_pvalue, "blackbox_test": bb.extra["test"],
                      "log10_p_blackbox_paired": bb.extra["paired_log10_pvalue"],
-                     "log10_p_blackbox_mirror": bb.extra.get("mirror_paired_log10_pvalue"),
+                     "blackbox_median_mirror_diff": bb.extra.get("median_mirror_difference"),
                      "log10_p_blackbox_control": bb.extra.get("control_log10_pvalue"),
                      "log10_p_blackbox_control_mirror": bb.extra.get("control_mirror_log10_pvalue"),
                      "blackbox_median_loss_diff": bb.extra["median_loss_difference"],

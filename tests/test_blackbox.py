@@ -516,19 +516,20 @@ def test_blackbox_mirror_tests_from_outputs(holdout_run, entries, tmp_path):
     mirror = write_mirror_images(holdout_run["record"], tmp_path / "mirror")["mirror"]
     f = _write_outputs(tmp_path / "o.jsonl", entries, _memorising_with_mirror(), mirror=mirror)
     res = blackbox_detect(holdout_run["record"], outputs=f, mirror_root=mirror)
-    assert res.extra["mirror_paired_log10_pvalue"] < -6 and res.extra["control_mirror_log10_pvalue"] < -6
-    assert res.extra["median_mirror_difference"] > 0
+    assert res.extra["control_mirror_log10_pvalue"] < -6 and res.extra["median_mirror_difference"] > 0
+    means = res.extra["class_mean_mirror_difference"]
+    assert sorted(means) == sorted({e.class_name for e in entries if e.released}) and min(means.values()) > 0
     # without the mirror outputs (or at the default folder, which does not exist) the mirror tests are not run
     g = _write_outputs(tmp_path / "g.jsonl", entries, _memorising_with_mirror())
     res2 = blackbox_detect(holdout_run["record"], outputs=g, mirror_root=mirror)
-    assert "mirror_paired_log10_pvalue" not in res2.extra and "control_mirror_log10_pvalue" not in res2.extra
+    assert "median_mirror_difference" not in res2.extra and "control_mirror_log10_pvalue" not in res2.extra
     assert res2.log10_pvalue == res2.extra["control_log10_pvalue"]
 
 
 def test_blackbox_mirror_control_test_ignores_a_model_that_merely_prefers_marked_images(holdout_run, entries,
                                                                                         tmp_path):
     """A model that fits every marked image better than its mirror, released or not (it knows the key, or the
-    marks suit it): the mirror paired test fires, the exact mirror control test does not."""
+    marks suit it): the mirror differences are large, yet the exact mirror control test does not fire."""
     rng = np.random.default_rng(4)
 
     def fn(e, version):
@@ -539,7 +540,7 @@ def test_blackbox_mirror_control_test_ignores_a_model_that_merely_prefers_marked
     mirror = write_mirror_images(holdout_run["record"], tmp_path / "mirror")["mirror"]
     f = _write_outputs(tmp_path / "o.jsonl", entries, fn, mirror=mirror)
     res = blackbox_detect(holdout_run["record"], outputs=f, mirror_root=mirror)
-    assert res.extra["mirror_paired_log10_pvalue"] < -6
+    assert res.extra["median_mirror_difference"] > 0.3  # marked fitted better than mirrored, every image
     assert res.extra["control_mirror_log10_pvalue"] > -3 and not res.detected
 
 
@@ -569,7 +570,7 @@ def test_blackbox_runnable_suspect(holdout_run, entries, key, tmp_path):
     assert res.suspect["path"] == str(suspect)
     assert not res.detected  # random head that never saw the release (p not below 1e-3)
     # the mirrors are computed on the fly for a runnable suspect
-    assert -3 < res.extra["mirror_paired_log10_pvalue"] <= 0 and -3 < res.extra["control_mirror_log10_pvalue"] <= 0
+    assert math.isfinite(res.extra["median_mirror_difference"]) and -3 < res.extra["control_mirror_log10_pvalue"] <= 0
 
 
 # ----------------------------------------------------------------------------- command line

@@ -200,7 +200,8 @@ def mirror_image(vanilla: np.ndarray, marked: np.ndarray) -> np.ndarray:
 
     Never released: the suspect cannot have trained on it. A model that fitted the marked version
     x + delta sits at distance 2 |delta| from the mirror x - delta, against |delta| from the vanilla x,
-    so to second order its loss rises 4 times as much there (the mirror paired test, see
+    so to second order its loss rises 4 times as much there as at x, while for a model that never saw
+    either version the two are symmetric about x to second order (the mirror statistic of
     :func:`blackbox_detect`).
 
     Args:
@@ -399,11 +400,14 @@ def blackbox_detect(record: str | Path, suspect: str | Path | None = None, outpu
              "num_marked_images": int(released.sum()), "num_holdout_images": int((~released).sum())}
     log10_p = paired_log10_p
     if o_mirror is not None:
+        # descriptive only: no image-level p-value, because a carrier moves all the images of its class the
+        # same way and even vanilla models respond to that per class (docs/from-scratch.md, cell 7)
         lx = true_class_loss(o_mirror, labels, kind)
-        mirror_log10_p, _, mirror_median = paired_test(lx[released], lm[released])
-        extra.update({"mirror_paired_test": "one-sided Wilcoxon signed-rank on loss(mirror) - loss(marked), "
-                                            "released images (mirror: the mark subtracted)",
-                      "mirror_paired_log10_pvalue": mirror_log10_p, "median_mirror_difference": mirror_median})
+        m = lx - lm
+        extra["median_mirror_difference"] = float(np.nanmedian(m[released])) if released.any() else 0.0
+        extra["class_mean_mirror_difference"] = {
+            c: float(np.nanmean(m[released & (labels == k)])) for c, k in sorted(
+                {e.class_name: int(lab) for e, lab in zip(entries, labels)}.items()) if (released & (labels == k)).any()}
     if (~released).any():
         d = lv - lm
         log10_p, med_b = control_test(d[released], d[~released])
