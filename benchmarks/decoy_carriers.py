@@ -33,19 +33,39 @@ import math
 import shlex
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import stats as sstats
 
-from radioactive.blackbox import mirror_image, read_record, true_class_loss, _outputs
+from radioactive.blackbox import read_record
 from radioactive.data import load_rgb
-from radioactive.keys import generate_key, random_carriers
-from radioactive.marking import MarkingConfig
-from radioactive.marking.optimise import image_generator, mark_batch
-from radioactive.networks import MarkingNetworkSpec, load_marking_network, load_runnable
+from radioactive.decoys import DecoyMarks, decoy_marks, mirror_statistics
+from radioactive.keys import generate_key
+from radioactive.networks import MarkingNetworkSpec
+
+
+def cached_marks(a, key) -> DecoyMarks:
+    """radioactive.decoys.decoy_marks, cached in --cache (a dict of uint8 tensors: class -> (M + 1, n, 3, H, W))."""
+    cache = a.cache / f"{a.record.stem}-n{a.per_class}-m{a.decoys}-s{a.decoy_seed}.pt"
+    if not cache.is_file():
+        t0 = time.time()
+        marks = decoy_marks(a.record, key, a.per_class, a.decoys, a.decoy_seed)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({k: torch.from_numpy(m).permute(0, 1, 4, 2, 3) for k, m in zip(marks.classes, marks.marked)}, cache)
+        print(f"marked {sum(m.shape[0] * m.shape[1] for m in marks.marked)} images in {time.time() - t0:.0f} s",
+              flush=True)
+        return marks
+    saved = torch.load(cache, weights_only=True)  # written by this script
+    _, entries = read_record(a.record)
+    index = {c: i for i, c in enumerate(key.classes)}
+    vanilla = {k: [load_rgb(e.source) for e in entries if e.released and index[e.class_name] == k][:a.per_class]
+               for k in saved}
+    classes = sorted(saved)
+    return DecoyMarks(classes, [vanilla[k] for k in classes],
+                      [saved[k].permute(0, 1, 3, 4, 2).numpy() for k in classes], a.decoys, a.decoy_seed,
+                      key.fingerprint)
 
 
 def main(argv=None) -> int:
@@ -61,65 +81,17 @@ def main(argv=None) -> int:
     p.add_argument("--cache", type=Path, default=Path("runs/decoy_carriers"))
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/decoy_carriers.jsonl"))
     a = p.parse_args(argv)
-    header, entries = read_record(a.record)
-    classes = header["classes"]
-    spec = MarkingNetworkSpec("trained", 32, path=str(a.marker))
-    key = generate_key(classes, spec, seed=a.key_seed)
+    header, _ = read_record(a.record)
+    key = generate_key(header["classes"], MarkingNetworkSpec("trained", 32, path=str(a.marker)), seed=a.key_seed)
     if key.fingerprint != header["key_fingerprint"]:
         raise SystemExit("the key does not match the record")
-    cfg = replace(MarkingConfig(), **{k: (tuple(v) if isinstance(v, list) else v) for k, v in header["config"].items()})
-    pool = {k: [e for e in entries if e.released and e.label == k][:a.per_class] for k in range(len(classes))}
-    src_root = Path(header["source"]).resolve()
-    cache = a.cache / f"{a.record.stem}-n{a.per_class}-m{a.decoys}-s{a.decoy_seed}.pt"
-    if cache.is_file():
-        marks = torch.load(cache)
-    else:
-        net = load_marking_network(spec)[0].eval()
-        g = torch.Generator().manual_seed(a.decoy_seed)
-        marks = {}  # class -> (M + 1, n, 3, H, W) uint8; row 0 is the real carrier
-        t0 = time.time()
-        for k, ents in pool.items():
-            x = torch.from_numpy(np.stack([load_rgb(e.source) for e in ents])).permute(0, 3, 1, 2)
-            carriers = torch.cat([key.carriers[k:k + 1], random_carriers(a.decoys, key.dim, g)])
-            # every (carrier, image) pair in batches; each image's draws restart from its own generator
-            pairs = [(j, i) for j in range(len(carriers)) for i in range(len(ents))]
-            out = torch.empty((len(carriers), len(ents), *x.shape[1:]), dtype=torch.uint8)
-            for s in range(0, len(pairs), cfg.batch_size):
-                chunk = pairs[s:s + cfg.batch_size]
-                gens = [image_generator(header["seed"], ents[i].source.relative_to(src_root).as_posix())
-                        for _, i in chunk]
-                xm = mark_batch(net, x[[i for _, i in chunk]], carriers[[j for j, _ in chunk]].contiguous(), cfg, gens)
-                for (j, i), m in zip(chunk, xm):
-                    out[j, i] = m
-            marks[k] = out
-            print(f"class {k}: {len(carriers)} carriers x {len(ents)} images, {time.time() - t0:.0f} s", flush=True)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(marks, cache)
-    # the real carrier's recomputed marks against the released files (same procedure, same draws)
-    same = [float((marks[k][0].permute(0, 2, 3, 1).numpy() == np.stack([load_rgb(e.output) for e in pool[k]]))
-                  .mean()) for k in pool]
-
-    def mirror_stats(model: Path) -> np.ndarray:
-        """(K, M + 1) mean mirror statistic per class and carrier."""
-        net, meta = load_runnable(model)
-        size = meta.get("preprocessing", {}).get("image_size")
-        out = np.zeros((len(pool), a.decoys + 1))
-        for k, ents in pool.items():
-            lab = np.full(len(ents), meta["classes"].index(classes[k]))
-            van = [load_rgb(e.source) for e in ents]
-            for j in range(a.decoys + 1):
-                mk = [m.permute(1, 2, 0).numpy() for m in marks[k][j]]
-                lm = true_class_loss(_outputs(net, lambda i: mk[i], len(mk), size, 250), lab)
-                lx = true_class_loss(_outputs(net, lambda i: mirror_image(van[i], mk[i]), len(mk), size, 250), lab)
-                out[k, j] = float(np.mean(lx - lm))
-        return out
-
-    ref = mirror_stats(a.reference)
+    marks = cached_marks(a, key)
+    ref = mirror_statistics(a.reference, marks, key.classes)
     for model in [a.reference, *a.suspects]:
         t0 = time.time()
-        s = mirror_stats(model)
+        s = mirror_statistics(model, marks, key.classes)
         row = {"record": str(a.record), "model": str(model), "reference": str(a.reference),
-               "per_class": a.per_class, "decoys": a.decoys, "real_mark_pixels_equal_released": min(same)}
+               "per_class": a.per_class, "decoys": a.decoys}
         for name, t in (("calibrated", s - ref), ("raw", s)):
             pk = (1 + (t[:, 1:] >= t[:, :1]).sum(1)) / (a.decoys + 1)
             fisher = sstats.chi2.logsf(-2 * np.log(pk).sum(), 2 * len(pk)) / math.log(10)

@@ -176,9 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = _sub(subs, "detect", "test a suspect: was it trained on data marked with this key?",
              "radioactive detect --suspect suspect.safetensors --key key.safetensors --images test/ --output result.json\n"
              "  radioactive detect --method black-box --record released.record.jsonl --outputs api-outputs.jsonl")
-    d.add_argument("--method", choices=("white-box", "black-box", "membership"), default="white-box",
+    d.add_argument("--method", choices=("white-box", "black-box", "membership", "decoy-carrier"), default="white-box",
                    help="white-box: weights needed; black-box: outputs on marked and vanilla images only; "
-                        "membership: outputs on released and withheld images (mark --withhold-fraction)")
+                        "membership: outputs on released and withheld images (mark --withhold-fraction); "
+                        "decoy-carrier: a runnable suspect, the record and the key (real carrier ranked among "
+                        "decoy carriers; the from-scratch test, docs/concepts.md)")
     d.add_argument("--suspect", type=_existing, default=None, help="suspect weights (.safetensors with its .json sidecar)")
     d.add_argument("--key", type=_existing, default=None, help="key file (white-box)")
     d.add_argument("--images", type=_existing, default=None,
@@ -199,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "(default: the sidecar's 'classifier', else the last nn.Linear)")
     d.add_argument("--decoys", type=_nonneg_int, default=0,
                    help="white-box: also score this many fresh random keys and report the real key's rank")
+    d.add_argument("--reference", type=_existing, default=None,
+                   help="decoy-carrier: a vanilla model trained without the key (recommended)")
+    d.add_argument("--decoy-carriers", type=_positive_int, default=29, help="decoy-carrier: decoys per class (M)")
+    d.add_argument("--per-class", type=_positive_int, default=20,
+                   help="decoy-carrier: released marked images per class (n)")
+    d.add_argument("--decoy-seed", type=_nonneg_int, default=0, help="decoy-carrier: seed of the decoy carriers")
 
     mi = _sub(subs, "mirror-images", "write the mirrors of the marked images (the mark subtracted) to query an API with",
               "radioactive mirror-images --record released.record.jsonl   # then add their outputs to --outputs")
@@ -344,6 +352,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 parser.error("white-box detection needs --suspect, --key and --images")
             result = detect(args.suspect, Key.load(args.key), _folder_or_archive(args.images, "test"), alpha=args.alpha, ridge=args.ridge,
                             only_classes=only, max_images=args.max_images, decoys=args.decoys, layer=args.layer)
+        elif args.method == "decoy-carrier":
+            from .decoys import decoy_carrier_detect
+
+            if args.record is None or args.suspect is None or args.key is None:
+                parser.error("decoy-carrier detection needs --record, --key and --suspect")
+            result = decoy_carrier_detect(args.record, Key.load(args.key), args.suspect, args.reference,
+                                          per_class=args.per_class, decoys=args.decoy_carriers, seed=args.decoy_seed,
+                                          alpha=args.alpha)
         else:
             from .blackbox import blackbox_detect, membership_detect
 

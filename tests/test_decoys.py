@@ -1,0 +1,95 @@
+"""Tests for radioactive.decoys: the decoy-carrier black-box test on real CIFAR-10 images (marking network:
+the default EfficientNet-Lite0), with linear-probe suspects that do or do not know the key."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from radioactive.decoys import decoy_carrier_detect, record_marking_config
+from radioactive.errors import RadioactiveError
+from radioactive.keys import generate_key
+from radioactive.marking import MarkingConfig, mark_folder
+from radioactive.networks import Preprocessing
+
+CFG = MarkingConfig(steps=10, batch_size=32)
+N, M = 2, 3
+
+
+@pytest.fixture(scope="module")
+def release(cifar_small, key, tmp_path_factory):
+    out = tmp_path_factory.mktemp("decoy") / "released"
+    summary = mark_folder(cifar_small[0], key, out, fraction=0.25, seed=5, config=CFG, progress=False)
+    return Path(summary.record)
+
+
+def _probe(path: Path, weight: np.ndarray, key) -> Path:
+    """A linear probe on the marking network's features, written like radioactive.training does."""
+    save_file({"weight": torch.as_tensor(weight, dtype=torch.float32).contiguous(),
+               "bias": torch.zeros(len(weight), dtype=torch.float32)}, str(path))
+    meta = {"architecture": "linear", "backbone": key.network.to_dict(), "classifier": "head",
+            "preprocessing": Preprocessing(None).to_dict(), "classes": list(key.classes), "test_accuracy": None}
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    return path
+
+
+def test_record_marking_config_round_trips(release):
+    header = json.loads(release.read_text().splitlines()[0])
+    assert record_marking_config(header) == CFG
+    with pytest.raises(RadioactiveError, match="config"):
+        record_marking_config({})
+
+
+def test_a_suspect_that_learnt_the_carriers_ranks_first_in_every_class(release, key, tmp_path):
+    """Classifier rows along the carriers: marking with the real carrier raises the true class's logit, a decoy
+    does not, so the real carrier beats all M decoys in every class and p reaches its floor."""
+    suspect = _probe(tmp_path / "s.safetensors", 50.0 * key.carriers.numpy(), key)
+    res = decoy_carrier_detect(release, key, suspect, per_class=N, decoys=M, seed=0)
+    assert res.method == "black-box decoy-carrier" and len(res.classes) == len(key.classes)
+    np.testing.assert_allclose(res.class_log10_pvalues, -math.log10(M + 1))
+    assert res.log10_pvalue == pytest.approx(res.extra["smallest_reachable_log10_pvalue"])
+    assert res.extra["images_per_class"] == [N] * len(key.classes)
+    assert all(r > d for r, d in zip(res.extra["real_statistic"], res.extra["decoy_statistic_mean"]))
+
+
+def test_a_suspect_independent_of_the_key_is_not_detected(release, key, tmp_path):
+    w = np.random.default_rng(3).standard_normal((len(key.classes), key.dim)) / math.sqrt(key.dim)
+    suspect = _probe(tmp_path / "v.safetensors", w, key)
+    res = decoy_carrier_detect(release, key, suspect, per_class=N, decoys=M, seed=1)
+    allowed = {round(math.log10(r / (M + 1)), 9) for r in range(1, M + 2)}
+    assert {round(p, 9) for p in res.class_log10_pvalues} <= allowed
+    assert not res.detected and res.log10_pvalue > -3
+    # the suspect as its own reference: every statistic is 0, every rank ties, p = 1
+    res2 = decoy_carrier_detect(release, key, suspect, reference=suspect, per_class=N, decoys=M, seed=1)
+    assert res2.log10_pvalue == 0.0 and res2.extra["real_statistic"] == [0.0] * len(key.classes)
+
+
+def test_wrong_key_and_bad_sizes_raise(release, key, tmp_path):
+    other = generate_key(key.classes, seed=99)
+    suspect = _probe(tmp_path / "s.safetensors", key.carriers.numpy(), key)
+    with pytest.raises(RadioactiveError, match="not the one"):
+        decoy_carrier_detect(release, other, suspect, per_class=N, decoys=M)
+    with pytest.raises(RadioactiveError, match="at least 1"):
+        decoy_carrier_detect(release, key, suspect, per_class=0, decoys=M)
+
+
+def test_cli_decoy_carrier(release, key, tmp_path, capsys):
+    from radioactive.cli import main
+
+    suspect = _probe(tmp_path / "s.safetensors", 50.0 * key.carriers.numpy(), key)
+    key.save(tmp_path / "key.safetensors")
+    rc = main(["detect", "--method", "decoy-carrier", "--record", str(release), "--key", str(tmp_path / "key.safetensors"),
+               "--suspect", str(suspect), "--per-class", str(N), "--decoy-carriers", str(M)])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["method"] == "black-box decoy-carrier" and out["extra"]["decoys"] == M
+    assert out["log10_pvalue"] == pytest.approx(out["extra"]["smallest_reachable_log10_pvalue"])
+    with pytest.raises(SystemExit) as e:  # usage error: exit status 2, one line naming what is missing
+        main(["detect", "--method", "decoy-carrier", "--record", str(release), "--suspect", str(suspect)])
+    assert e.value.code == 2 and "--key" in capsys.readouterr().err
