@@ -51,7 +51,7 @@ def cached_marks(a, key) -> DecoyMarks:
     cache = a.cache / f"{a.record.stem}-n{a.per_class}-m{a.decoys}-s{a.decoy_seed}.pt"
     if not cache.is_file():
         t0 = time.time()
-        marks = decoy_marks(a.record, key, a.per_class, a.decoys, a.decoy_seed)
+        marks = decoy_marks(a.record, key, a.per_class, a.decoys, a.decoy_seed, a.device)
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save({k: torch.from_numpy(m).permute(0, 1, 4, 2, 3) for k, m in zip(marks.classes, marks.marked)}, cache)
         print(f"marked {sum(m.shape[0] * m.shape[1] for m in marks.marked)} images in {time.time() - t0:.0f} s",
@@ -78,6 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--per-class", type=int, default=20, help="released marked images per class (n)")
     p.add_argument("--decoys", type=int, default=29, help="decoy carriers per class (M)")
     p.add_argument("--decoy-seed", type=int, default=7)
+    p.add_argument("--device", default="cpu", help="torch device of the marking (cpu, cuda)")
     p.add_argument("--cache", type=Path, default=Path("runs/decoy_carriers"))
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/decoy_carriers.jsonl"))
     a = p.parse_args(argv)

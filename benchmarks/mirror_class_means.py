@@ -15,7 +15,7 @@ import sys
 import numpy as np
 from scipy import stats
 
-from radioactive.blackbox import _outputs, mirror_image, read_record, true_class_loss
+from radioactive.blackbox import outputs_of, mirror_image, read_record, true_class_loss
 from radioactive.data import load_rgb
 from radioactive.networks import load_runnable
 
@@ -29,9 +29,9 @@ def main(argv=None) -> int:
         size = meta.get("preprocessing", {}).get("image_size")
         lab = np.array([meta["classes"].index(e.class_name) for e in entries])
         n = len(entries)
-        lm = true_class_loss(_outputs(net, lambda i: load_rgb(entries[i].output), n, size, 250), lab)
-        lv = true_class_loss(_outputs(net, lambda i: load_rgb(entries[i].source), n, size, 250), lab)
-        lx = true_class_loss(_outputs(net, lambda i: mirror_image(load_rgb(entries[i].source),
+        lm = true_class_loss(outputs_of(net, lambda i: load_rgb(entries[i].output), n, size, 250), lab)
+        lv = true_class_loss(outputs_of(net, lambda i: load_rgb(entries[i].source), n, size, 250), lab)
+        lx = true_class_loss(outputs_of(net, lambda i: mirror_image(load_rgb(entries[i].source),
                                                                   load_rgb(entries[i].output)), n, size, 250), lab)
         rel = np.array([e.released for e in entries])
         out = {"record": record, "model": m}

@@ -17,7 +17,8 @@
 # white-box and black-box detection; then an in-domain cell (below). Expected time on one H200: marking 10,000 images at 64 px about
 # 2 min, each training about 4 min (augmentation runs on the CPU), detection 1 min: about 11 min for the
 # first cell, about 11 more for the second (two trainings); over the 10-minute limit of one device call,
-# so run the two cells as two calls if needed.
+# so run the two cells as two calls if needed. The decoy-carrier step at the end (20,000 markings at 32 px,
+# batched) adds about 3 min.
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 export PYTHONPATH="/tmp/site:$PWD/src" RADIOACTIVE_DATA="$PWD/.gpudata" RADIOACTIVE_CACHE=/tmp/radioactive-cache
@@ -32,3 +33,12 @@ python3 benchmarks/from_scratch.py --device cuda --train-per-class 5000 --test-p
     --marker /tmp/fs/models/control-vanilla-resnet18_cifar-40-0.2-0.safetensors --augment pad_crop \
     --lambda-img 0.7 --withhold 0.1 \
     --workdir /tmp/fs --results "$OUT/from_scratch_gpu.jsonl" 2>&1 | tee -a "$OUT/log.txt"
+# Third step: the exact decoy-carrier test (docs/concepts.md) on the in-domain suspect, with the second
+# cell's vanilla control (seed 1, independent of the marker) as the reference: 6,000 markings at 32 px.
+REC=$(ls -t /tmp/fs/marked-*.record.jsonl | head -1)
+python3 benchmarks/decoy_carriers.py --device cuda --record "$REC" \
+    --marker /tmp/fs/models/control-vanilla-resnet18_cifar-40-0.2-0.safetensors --key-seed 1000 \
+    --reference /tmp/fs/models/control-vanilla-resnet18_cifar-40-0.2-1.safetensors \
+    --suspects /tmp/fs/models/suspect-*-resnet18_cifar-40-0.2-1-w0.1.safetensors \
+    /tmp/fs/models/control-vanilla-resnet18_cifar-40-0.2-0.safetensors \
+    --per-class 20 --decoys 99 --cache /tmp/fs/decoys --results "$OUT/decoy_carriers_gpu.jsonl" 2>&1 | tee -a "$OUT/log.txt"

@@ -200,7 +200,7 @@ def paired_test(loss_vanilla: np.ndarray, loss_marked: np.ndarray) -> tuple[floa
 
 def model_outputs(net, paths: list[Path], image_size: int | None = None, batch_size: int = 250) -> np.ndarray:
     """Logits (N, K) of a runnable suspect on image files."""
-    return _outputs(net, lambda i: load_rgb(paths[i]), len(paths), image_size, batch_size)
+    return outputs_of(net, lambda i: load_rgb(paths[i]), len(paths), image_size, batch_size)
 
 
 def mirror_image(vanilla: np.ndarray, marked: np.ndarray) -> np.ndarray:
@@ -271,9 +271,18 @@ def write_mirror_images(record: str | Path, out: str | Path | None = None, sourc
     return {"mirror": str(out), "num_images": len(entries)}
 
 
-def _outputs(net, load, n: int, image_size: int | None, batch_size: int) -> np.ndarray:
-    """Logits (n, K) of ``net`` on images ``load(0..n-1)`` ((H, W, 3) uint8), resized bilinearly to
-    ``image_size`` when given, in batches."""
+def outputs_of(net, load, n: int, image_size: int | None = None, batch_size: int = 250) -> np.ndarray:
+    """Logits of a runnable suspect on images made or read on demand.
+
+    Args:
+        net: module mapping (B, 3, H, W) float images in [0, 1] to (B, K) outputs (:func:`load_runnable`).
+        load: ``load(i)`` gives image i as (H, W, 3) uint8 RGB, for i in 0..n-1; called once per image,
+            batch by batch, so at most ``batch_size`` images are held at a time.
+        image_size: resize (bilinear) to this square size first, when given and different.
+
+    Returns:
+        (n, K) float64 outputs.
+    """
     import torch
     from PIL import Image
 
@@ -373,7 +382,7 @@ def blackbox_detect(record: str | Path, suspect: str | Path | None = None, outpu
         size = meta.get("preprocessing", {}).get("image_size")
         o_marked = model_outputs(net, [e.output for e in entries], size)
         o_vanilla = model_outputs(net, [e.source for e in entries], size)
-        o_mirror = _outputs(net, lambda i: mirror_image(load_rgb(entries[i].source), load_rgb(entries[i].output)),
+        o_mirror = outputs_of(net, lambda i: mirror_image(load_rgb(entries[i].source), load_rgb(entries[i].output)),
                             len(entries), size, 250)
         kind = "logits"
     else:

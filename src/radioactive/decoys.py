@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .blackbox import _outputs, mirror_image, read_record, true_class_loss
+from .blackbox import outputs_of, mirror_image, read_record, true_class_loss
 from .data import load_rgb
 from .detection import DetectionResult
 from .errors import RadioactiveError
@@ -151,8 +151,8 @@ def mirror_statistics(model: str | Path, marks: DecoyMarks, class_names: list[st
         flat = marked.reshape(-1, *marked.shape[2:])
         mirrors = [mirror_image(vanilla[n % len(vanilla)], flat[n]) for n in range(len(flat))]
         lab = np.full(len(flat), meta["classes"].index(class_names[k]))
-        lm = true_class_loss(_outputs(net, lambda n: flat[n], len(flat), size, 250), lab)
-        lx = true_class_loss(_outputs(net, lambda n: mirrors[n], len(flat), size, 250), lab)
+        lm = true_class_loss(outputs_of(net, lambda n: flat[n], len(flat), size, 250), lab)
+        lx = true_class_loss(outputs_of(net, lambda n: mirrors[n], len(flat), size, 250), lab)
         out[row] = np.nanmean((lx - lm).reshape(marked.shape[:2]), axis=1)
     return out
 
