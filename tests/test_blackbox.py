@@ -494,6 +494,11 @@ def test_write_mirror_images_writes_every_marked_image_once(holdout_run, entries
     with pytest.raises(RadioactiveError, match="exists"):
         write_mirror_images(holdout_run["record"], tmp_path / "mirror")
     assert not list(tmp_path.glob("*.partial"))
+    (tmp_path / "m2.partial").mkdir()  # a leftover (or a user's folder) is refused, never deleted
+    (tmp_path / "m2.partial" / "keep.txt").write_text("mine")
+    with pytest.raises(RadioactiveError, match="partial exists"):
+        write_mirror_images(holdout_run["record"], tmp_path / "m2")
+    assert (tmp_path / "m2.partial" / "keep.txt").read_text() == "mine" and not (tmp_path / "m2").exists()
     assert default_mirror_dir(holdout_run["record"]).name == holdout_run["record"].stem + ".mirror"
 
 

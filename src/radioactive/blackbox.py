@@ -236,7 +236,8 @@ def write_mirror_images(record: str | Path, out: str | Path | None = None, sourc
                         released_root=None) -> dict:
     """Write the mirror (:func:`mirror_image`) of every marked image of a record as PNG, for black-box
     detection through an API: query the suspect with these files too and add their outputs to the
-    outputs file; :func:`blackbox_detect` then runs the mirror tests.
+    outputs file; :func:`blackbox_detect` then reports the mirror statistic (and, with a holdout, the
+    exact control test on it).
 
     Layout: ``out/released/<output name>.png`` and ``out/holdout/<output name>.png`` (the record's
     output names, suffix ``.png``). The folder is written in full under a temporary name and renamed, so
@@ -250,15 +251,15 @@ def write_mirror_images(record: str | Path, out: str | Path | None = None, sourc
         ``{"mirror": folder, "num_images": n}``.
 
     Raises:
-        RadioactiveError: as :func:`read_record`; ``out`` exists; unreadable images; a marked image whose
-        size differs from its vanilla version.
+        RadioactiveError: as :func:`read_record`; ``out`` or ``<out>.partial`` exists (nothing is
+        deleted); unreadable images; a marked image whose size differs from its vanilla version.
     """
     _, entries = read_record(record, source_root, released_root)
     out = Path(out) if out is not None else default_mirror_dir(record)
-    if out.exists():
-        raise RadioactiveError(f"{out} exists; remove it or choose another folder")
     tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for p in (out, tmp):
+        if p.exists():
+            raise RadioactiveError(f"{p} exists; remove it or choose another folder")
     try:
         for e in entries:
             dst = tmp / e.mirror_name
