@@ -88,8 +88,13 @@ def test_cli_decoy_carrier(release, key, tmp_path, capsys):
                "--suspect", str(suspect), "--per-class", str(N), "--decoy-carriers", str(M)])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["method"] == "black-box decoy-carrier" and out["extra"]["decoys"] == M
+    assert out["method"] == "black-box decoy-carrier" and out["extra"]["decoy_carriers"] == M
     assert out["log10_pvalue"] == pytest.approx(out["extra"]["smallest_reachable_log10_pvalue"])
+    (tmp_path / "res.json").write_text(json.dumps(out))  # the HTML report renders this result
+    assert main(["report", "--result", str(tmp_path / "res.json"), "--output", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert "decoy-carrier" in page and page.count("<tr><td>") == len(key.classes)
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:  # usage error: exit status 2, one line naming what is missing
         main(["detect", "--method", "decoy-carrier", "--record", str(release), "--suspect", str(suspect)])
     assert e.value.code == 2 and "--key" in capsys.readouterr().err

@@ -202,7 +202,7 @@ def decoy_carrier_detect(record: str | Path, key: Key, suspect: str | Path, refe
         extra={"test": "rank of the real carrier's mean mirror statistic (suspect minus reference) among M decoy "
                        "carriers per class; Fisher's combination over classes",
                "reference": str(reference) if reference is not None else None,
-               "images_per_class": [len(v) for v in marks.vanilla], "decoys": marks.decoys,
+               "images_per_class": [len(v) for v in marks.vanilla], "decoy_carriers": marks.decoys,
                "decoy_seed": marks.seed, "real_statistic": real.tolist(), "decoy_statistic_mean": dec.mean(1).tolist(),
                "decoy_statistic_std": dec.std(1, ddof=1).tolist() if marks.decoys > 1 else None,
                "smallest_reachable_log10_pvalue": floor},

@@ -194,6 +194,13 @@ def html_report(result: DetectionResult, path: str | Path, record: str | Path | 
         rows = "".join(f"<tr><td>{html_lib.escape(c)}</td><td>{cos:.4f}</td><td>{lp:.2f}</td></tr>"
                        for c, cos, lp in zip(result.classes, result.cosines, result.class_log10_pvalues))
         parts.append(f"<table><tr><th>class</th><th>cosine</th><th>log10 p</th></tr>{rows}</table>")
+    if result.method == "black-box decoy-carrier":
+        parts.append(f"<h2>Real carrier against {result.extra['decoy_carriers']} decoy carriers per class</h2>")
+        rows = "".join(f"<tr><td>{html_lib.escape(c)}</td><td>{t:.4f}</td><td>{d:.4f}</td><td>{lp:.2f}</td></tr>"
+                       for c, t, d, lp in zip(result.classes, result.extra["real_statistic"],
+                                              result.extra["decoy_statistic_mean"], result.class_log10_pvalues))
+        parts.append("<table><tr><th>class</th><th>statistic, real carrier</th><th>mean over decoys</th>"
+                     f"<th>log10 p (rank)</th></tr>{rows}</table>")
     if result.extra:
         shown = {k: v for k, v in result.extra.items() if k != "decoys"}
         if "decoys" in result.extra:
