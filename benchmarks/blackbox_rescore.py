@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from reproduce import append  # benchmarks/ is on sys.path when a script here runs
 from radioactive.blackbox import blackbox_detect
 
 KEYS = ("paired_log10_pvalue", "control_log10_pvalue", "control_mirror_log10_pvalue", "median_loss_difference",
@@ -29,7 +30,6 @@ KEYS = ("paired_log10_pvalue", "control_log10_pvalue", "control_mirror_log10_pva
 
 def reproduce_cell(cell_id: str) -> tuple[Path, list[Path]]:
     """Record, suspect and vanilla control of a finished reproduce.py cell, from its cache."""
-    sys.path.insert(0, str(Path(__file__).parent))
     import reproduce as rp
     from radioactive.keys import generate_key
 
@@ -71,9 +71,7 @@ def main(argv=None) -> int:
                **{k: r.extra.get(k) for k in KEYS}, "seconds": time.time() - t0,
                "command": "python benchmarks/blackbox_rescore.py " + " ".join(
                    shlex.quote(x) for x in ["--record", str(a.record), "--models", str(model)])}
-        a.results.parent.mkdir(parents=True, exist_ok=True)
-        with open(a.results, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append(a.results, row)
         print(json.dumps(row), flush=True)
     return 0
 

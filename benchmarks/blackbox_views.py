@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from reproduce import append  # benchmarks/ is on sys.path when a script here runs
 from radioactive.augment import PadCropFlip
 from radioactive.blackbox import control_test, paired_test, read_record, true_class_loss
 from radioactive.data import load_rgb
@@ -97,9 +98,7 @@ def main(argv=None) -> int:
         out["seconds"] = time.time() - t0
         out["command"] = "python benchmarks/blackbox_views.py " + " ".join(
             shlex.quote(x) for x in (argv or sys.argv[1:]))
-        a.results.parent.mkdir(parents=True, exist_ok=True)
-        with open(a.results, "a") as f:
-            f.write(json.dumps(out) + "\n")
+        append(a.results, out)
         print(json.dumps(out), flush=True)
     return 0
 

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from scipy import stats as sstats
 
+from reproduce import append  # benchmarks/ is on sys.path when a script here runs
 from radioactive.blackbox import read_record
 from radioactive.data import load_rgb
 from radioactive.decoys import DecoyMarks, decoy_marks, mirror_statistics
@@ -103,9 +104,7 @@ def main(argv=None) -> int:
                          "real_T": t[:, 0].round(4).tolist(), "decoy_T_mean": t[:, 1:].mean(1).round(4).tolist()}
         row["seconds"] = time.time() - t0
         row["command"] = "python benchmarks/decoy_carriers.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
-        a.results.parent.mkdir(parents=True, exist_ok=True)
-        with open(a.results, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append(a.results, row)
         print(json.dumps(row), flush=True)
     return 0
 

@@ -230,7 +230,7 @@ def html_report(result: DetectionResult, path: str | Path, record: str | Path | 
                 v, m = load_rgb(e.source), load_rgb(e.output)
             except Exception:  # a moved folder: skip the examples, keep the report
                 continue
-            diff = np.clip(128 + amplify * (m.astype(np.int16) - v.astype(np.int16)), 0, 255).astype(np.uint8)
+            diff = np.clip(128 + amplify * (m.astype(np.int32) - v.astype(np.int32)), 0, 255).astype(np.uint8)
             scale = max(1, 128 // max(v.shape[:2]))
             big = [np.kron(a, np.ones((scale, scale, 1), np.uint8)) for a in (v, m, diff)]
             rows.append("<tr>" + "".join(f"<td><img alt='{t}' src='{_png_data_uri(a)}'></td>"
