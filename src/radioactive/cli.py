@@ -176,11 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     d = _sub(subs, "detect", "test a suspect: was it trained on data marked with this key?",
              "radioactive detect --suspect suspect.safetensors --key key.safetensors --images test/ --output result.json\n"
              "  radioactive detect --method black-box --record released.record.jsonl --outputs api-outputs.jsonl")
-    d.add_argument("--method", choices=("white-box", "black-box", "membership", "decoy-carrier"), default="white-box",
-                   help="white-box: weights needed; black-box: outputs on marked and vanilla images only; "
-                        "membership: outputs on released and withheld images (mark --withhold-fraction); "
-                        "decoy-carrier: a runnable suspect, the record and the key (real carrier ranked among "
-                        "decoy carriers; the from-scratch test, docs/concepts.md)")
+    d.add_argument("--method", choices=("white-box", "gradient", "black-box", "membership", "decoy-carrier"),
+                   default="white-box",
+                   help="white-box: weights needed; gradient: a differentiable suspect, the record and the key "
+                        "(its input gradients read in the marking network's feature space; the white-box test "
+                        "for models trained from scratch, docs/concepts.md); black-box: outputs on marked and "
+                        "vanilla images only; membership: outputs on released and withheld images (mark "
+                        "--withhold-fraction); decoy-carrier: a runnable suspect, the record and the key (real "
+                        "carrier ranked among decoy carriers; the black-box test for models trained from scratch)")
     d.add_argument("--suspect", type=_existing, default=None, help="suspect weights (.safetensors with its .json sidecar)")
     d.add_argument("--key", type=_existing, default=None, help="key file (white-box)")
     d.add_argument("--images", type=_existing, default=None,
@@ -201,8 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "(default: the sidecar's 'classifier', else the last nn.Linear)")
     d.add_argument("--decoys", type=_nonneg_int, default=0,
                    help="white-box: also score this many fresh random keys and report the real key's rank")
-    d.add_argument("--reference", type=_existing, default=None,
-                   help="decoy-carrier: a vanilla model trained without the key (recommended)")
+    d.add_argument("--reference", type=_existing, nargs="+", default=[],
+                   help="gradient, decoy-carrier: vanilla model(s) trained without the key (recommended)")
     d.add_argument("--decoy-carriers", type=_positive_int, default=29, help="decoy-carrier: decoys per class (M)")
     d.add_argument("--per-class", type=_positive_int, default=20,
                    help="decoy-carrier: released marked images per class (n)")
@@ -352,6 +355,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 parser.error("white-box detection needs --suspect, --key and --images")
             result = detect(args.suspect, Key.load(args.key), _folder_or_archive(args.images, "test"), alpha=args.alpha, ridge=args.ridge,
                             only_classes=only, max_images=args.max_images, decoys=args.decoys, layer=args.layer)
+        elif args.method == "gradient":
+            from .gradient import gradient_detect
+
+            if args.record is None or args.suspect is None or args.key is None:
+                parser.error("gradient detection needs --record, --key and --suspect")
+            result = gradient_detect(args.record, Key.load(args.key), args.suspect, args.reference, alpha=args.alpha)
         elif args.method == "decoy-carrier":
             from .decoys import decoy_carrier_detect
 
@@ -370,7 +379,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             else:
                 result = blackbox_detect(args.record, args.suspect, args.outputs, alpha=args.alpha, only_classes=only,
                                          mirror_root=args.mirror)
-        if args.plot and result.method == "white-box":
+        if args.plot and result.cosines:
             plot_cosines(result, args.plot)
         if args.output:
             result.save(args.output)

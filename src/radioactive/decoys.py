@@ -157,7 +157,8 @@ def mirror_statistics(model: str | Path, marks: DecoyMarks, class_names: list[st
     return out
 
 
-def decoy_carrier_detect(record: str | Path, key: Key, suspect: str | Path, reference: str | Path | None = None,
+def decoy_carrier_detect(record: str | Path, key: Key, suspect: str | Path,
+                         reference: str | Path | list[str | Path] | tuple | None = None,
                          per_class: int = 20, decoys: int = 29, seed: int = 0, alpha: float = 1e-3,
                          device: str = "cpu", marks: DecoyMarks | None = None) -> DetectionResult:
     """Decoy-carrier test of a runnable suspect (module docstring: procedure, null, cost).
@@ -166,8 +167,9 @@ def decoy_carrier_detect(record: str | Path, key: Key, suspect: str | Path, refe
         record: the private record of ``mark`` (a lossless or lossy release; the marks are recomputed).
         key: the key the record was marked with (its fingerprint must match the record's).
         suspect: a runnable suspect (weights + sidecar, or TorchScript + sidecar).
-        reference: optional runnable vanilla model, trained without the key (recommended: it removes
-            the carrier effects shared by every model trained on these photographs).
+        reference: optional runnable vanilla model(s), trained without the key (recommended: they remove
+            the carrier effects shared by every model trained on these photographs); with several, m_R is
+            their mean.
         per_class: n >= 1, released marked images per class used (fewer if a class has fewer).
         decoys: M >= 1 decoy carriers per class.
         seed: seed of the decoy carriers (any value chosen without looking at the suspect).
@@ -187,9 +189,10 @@ def decoy_carrier_detect(record: str | Path, key: Key, suspect: str | Path, refe
         marks = decoy_marks(record, key, per_class, decoys, seed, device)
     elif marks.key_fingerprint != key.fingerprint:
         raise RadioactiveError("the decoy marks were made with another key")
+    references = [reference] if isinstance(reference, (str, Path)) else list(reference or ())
     t_stats = mirror_statistics(suspect, marks, key.classes)
-    if reference is not None:
-        t_stats = t_stats - mirror_statistics(reference, marks, key.classes)
+    if references:
+        t_stats = t_stats - np.mean([mirror_statistics(r, marks, key.classes) for r in references], axis=0)
     real, dec = t_stats[:, 0], t_stats[:, 1:]
     pk = (1 + (dec >= real[:, None]).sum(1)) / (marks.decoys + 1)
     class_log10 = np.log10(pk)
@@ -201,7 +204,7 @@ def decoy_carrier_detect(record: str | Path, key: Key, suspect: str | Path, refe
         dim=key.dim, key_fingerprint=key.fingerprint, suspect={"path": str(suspect)}, seconds=time.time() - t0,
         extra={"test": "rank of the real carrier's mean mirror statistic (suspect minus reference) among M decoy "
                        "carriers per class; Fisher's combination over classes",
-               "reference": str(reference) if reference is not None else None,
+               "reference": [str(r) for r in references],
                "images_per_class": [len(v) for v in marks.vanilla], "decoy_carriers": marks.decoys,
                "decoy_seed": marks.seed, "real_statistic": real.tolist(), "decoy_statistic_mean": dec.mean(1).tolist(),
                "decoy_statistic_std": dec.std(1, ddof=1).tolist() if marks.decoys > 1 else None,

@@ -112,12 +112,12 @@ class DetectionResult:
     """Outcome of a detection test (white-box or black-box), one format for both.
 
     Attributes:
-        method: ``white-box``, ``black-box`` or ``membership``.
+        method: ``white-box``, ``white-box gradient``, ``black-box``, ``black-box decoy-carrier`` or ``membership``.
         log10_pvalue: log10 of the combined p-value (<= 0; finite however small).
         detected: log10_pvalue < log10(alpha).
         alpha: significance level of the verdict.
         classes: class names tested, in order.
-        cosines: per-class cosine c_k (white-box), in [-1, 1].
+        cosines: per-class cosine c_k (white-box tests), in [-1, 1].
         class_log10_pvalues: per-class log10 p-values.
         dim: D, the dimension of the null (marking feature space).
         alignment_r2: R^2 of the alignment fit. num_alignment_images: N.

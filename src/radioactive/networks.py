@@ -275,9 +275,9 @@ class LinearProbe(nn.Module):
         self.head = nn.Linear(backbone.feature_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            f = self.backbone.features(x)
-        return self.head(f)
+        # no torch.no_grad(): the backbone's weights are frozen, so training builds no graph through it, and
+        # the gradient test (radioactive.gradient) needs gradients with respect to the input.
+        return self.head(self.backbone.features(x))
 
 
 def build_architecture(arch: str, num_classes: int) -> nn.Module:

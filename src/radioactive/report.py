@@ -72,7 +72,8 @@ def cosine_figure(result: DetectionResult, title: str | None = None):
             ax.text(c, top * 0.92, result.classes[i], rotation=90, fontsize=7, ha="center", va="bottom")
     ax.plot([], [], color="tab:red", label="class cosine (p < 0.01)")
     ax.plot([], [], color="tab:blue", label="class cosine")
-    ax.set_xlabel("cosine between pulled-back classifier row and carrier")
+    ax.set_xlabel("cosine between the class's pulled-back input gradients and its carrier"
+                  if result.method == "white-box gradient" else "cosine between pulled-back classifier row and carrier")
     ax.set_yticks([])
     ax.set_title(title or f"{result.method}: log10 p = {result.log10_pvalue:.2f}")
     ax.set_ylim(0, top * 1.35)
@@ -188,7 +189,7 @@ def html_report(result: DetectionResult, path: str | Path, record: str | Path | 
                  "result at least this extreme. It is exact under that null hypothesis: a small value means the "
                  "model was very likely trained on the marked data; a large one means no evidence, not proof of "
                  "innocence.</p>")
-    if result.method == "white-box" and result.cosines:
+    if result.cosines:
         parts.append("<h2>Per-class cosines against the null</h2>")
         parts.append(f"<img alt='per-class cosines' src='{_png_data_uri(cosine_figure(result))}'>")
         rows = "".join(f"<tr><td>{html_lib.escape(c)}</td><td>{cos:.4f}</td><td>{lp:.2f}</td></tr>"

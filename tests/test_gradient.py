@@ -1,0 +1,126 @@
+"""Tests for radioactive.gradient: the white-box gradient test, on real CIFAR-10 images marked with the
+default EfficientNet-Lite0, with linear-probe suspects that do or do not know the key."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from radioactive.errors import RadioactiveError
+from radioactive.gradient import gradient_detect, pulled_back_gradients
+from radioactive.keys import generate_key
+from radioactive.marking import MarkingConfig, mark_folder
+from radioactive.networks import Preprocessing, load_marking_network, load_runnable
+
+CFG = MarkingConfig(steps=5, batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def release(cifar_small, key, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gradient") / "released"
+    summary = mark_folder(cifar_small[0], key, out, fraction=0.25, seed=5, config=CFG, progress=False)
+    return Path(summary.record)
+
+
+def _probe(path: Path, weight: np.ndarray, key) -> Path:
+    """A linear probe on the marking network's features, written like radioactive.training does."""
+    save_file({"weight": torch.as_tensor(weight, dtype=torch.float32).contiguous(),
+               "bias": torch.zeros(len(weight), dtype=torch.float32)}, str(path))
+    meta = {"architecture": "linear", "backbone": key.network.to_dict(), "classifier": "head",
+            "preprocessing": Preprocessing(None).to_dict(), "classes": list(key.classes), "test_accuracy": None}
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    return path
+
+
+def test_pulled_back_gradient_is_the_jacobian_vector_product(real_batch, key, tmp_path):
+    """h(x) against a central finite difference of the marking network's features along -grad_x CE."""
+    marker = load_marking_network(key.network)[0].eval().double()
+    w = np.random.default_rng(0).standard_normal((len(key.classes), key.dim))
+    net, _ = load_runnable(_probe(tmp_path / "p.safetensors", w, key))
+    net = net.double()
+    x = real_batch[0][:2].double() / 255
+    y = real_batch[1][:2]
+    h = pulled_back_gradients(net, marker, x, y)
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(net(xg), y, reduction="sum"), xg)
+    eps = 1e-8 / g.abs().max()  # small: the network is piecewise linear (ReLU6), with kinks
+    with torch.no_grad():
+        fd = (marker.features(x - eps * g) - marker.features(x + eps * g)) / (2 * eps)
+    assert h.shape == (2, key.dim)
+    np.testing.assert_allclose(h.numpy(), fd.numpy(), rtol=1e-3, atol=1e-6 * float(fd.abs().max()))
+
+
+def test_a_suspect_that_learnt_the_carriers_is_detected(release, key, tmp_path):
+    """Classifier rows along the carriers: the suspect's loss falls when features move along the class's
+    carrier, so every class's cosine is positive and the combined p is tiny."""
+    suspect = _probe(tmp_path / "s.safetensors", 50.0 * key.carriers.numpy(), key)
+    res = gradient_detect(release, key, suspect)
+    assert res.method == "white-box gradient" and res.classes == list(key.classes)
+    assert res.extra["images_per_class"] == [3] * len(key.classes)
+    assert min(res.cosines) > 0 and res.detected and res.log10_pvalue < -10
+
+
+def test_an_independent_suspect_is_not_detected_and_its_own_reference_gives_zero(release, key, tmp_path):
+    w = np.random.default_rng(3).standard_normal((len(key.classes), key.dim)) / math.sqrt(key.dim)
+    suspect = _probe(tmp_path / "v.safetensors", w, key)
+    res = gradient_detect(release, key, suspect)
+    assert not res.detected and res.log10_pvalue > -3
+    assert max(abs(c) for c in res.cosines) < 5 / math.sqrt(key.dim)
+    same = gradient_detect(release, key, suspect, reference=[suspect, suspect])
+    assert same.cosines == [0.0] * len(key.classes) and not same.detected
+    assert same.extra["reference"] == [str(suspect)] * 2
+
+
+def test_only_vanilla_originals_are_read(release, key, tmp_path):
+    """The null is exact only if no marked pixel enters the statistic: removing the released copy changes nothing."""
+    suspect = _probe(tmp_path / "s.safetensors", 50.0 * key.carriers.numpy(), key)
+    before = gradient_detect(release, key, suspect)
+    header = json.loads(release.read_text().splitlines()[0])
+    moved = tmp_path / "moved"
+    shutil.move(header["output"], moved)
+    try:
+        after = gradient_detect(release, key, suspect)
+    finally:
+        shutil.move(moved, header["output"])
+    assert after.cosines == before.cosines
+
+
+def test_wrong_key_and_unknown_class_raise(release, key, tmp_path):
+    suspect = _probe(tmp_path / "s.safetensors", key.carriers.numpy(), key)
+    with pytest.raises(RadioactiveError, match="not the one"):
+        gradient_detect(release, generate_key(key.classes, seed=99), suspect)
+    meta = json.loads(suspect.with_suffix(".json").read_text())
+    meta["classes"] = [f"c{i}" for i in range(len(key.classes))]
+    suspect.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(RadioactiveError, match="unknown"):
+        gradient_detect(release, key, suspect)
+
+
+def test_cli_gradient_with_two_references_and_report(release, key, tmp_path, capsys):
+    from radioactive.cli import main
+
+    suspect = _probe(tmp_path / "s.safetensors", 50.0 * key.carriers.numpy(), key)
+    refs = [str(_probe(tmp_path / f"r{i}.safetensors",
+                       np.random.default_rng(i).standard_normal((len(key.classes), key.dim)) / 20, key)) for i in (1, 2)]
+    key.save(tmp_path / "key.safetensors")
+    rc = main(["detect", "--method", "gradient", "--record", str(release), "--key", str(tmp_path / "key.safetensors"),
+               "--suspect", str(suspect), "--reference", *refs, "--output", str(tmp_path / "res.json"),
+               "--plot", str(tmp_path / "cos.png")])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["method"] == "white-box gradient" and out["extra"]["reference"] == refs and out["log10_pvalue"] < -10
+    assert (tmp_path / "cos.png").stat().st_size > 1000
+    assert main(["report", "--result", str(tmp_path / "res.json"), "--output", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert "white-box gradient" in page and "Per-class cosines" in page
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["detect", "--method", "gradient", "--record", str(release), "--suspect", str(suspect)])
+    assert e.value.code == 2 and "--key" in capsys.readouterr().err
