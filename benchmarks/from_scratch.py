@@ -30,10 +30,12 @@ import numpy as np
 from radioactive.blackbox import blackbox_detect, membership_test, model_outputs, true_class_loss
 from radioactive.data import cifar10_subset
 from radioactive.detection import detect
+from radioactive.gradient import gradient_detect
 from radioactive.keys import generate_key
 from radioactive.marking import MarkingConfig, mark_folder
 from radioactive.networks import MarkingNetworkSpec, load_runnable
 from radioactive.training import TrainConfig, train
+from reproduce import cifar100_extract  # benchmarks/ is on sys.path when a script here runs
 
 
 def main(argv=None) -> int:
@@ -62,12 +64,16 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--workdir", type=Path, default=Path("runs/from_scratch"))
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/from_scratch.jsonl"))
+    p.add_argument("--dataset", choices=("cifar10", "cifar100"), default="cifar10")
+    p.add_argument("--reference", type=Path, nargs="+", default=None,
+                   help="vanilla models trained without the key: also run the gradient test (radioactive.gradient)")
     a = p.parse_args(argv)
 
     cell = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()
             if k not in ("workdir", "results", "device") and not (k in ("marker", "train_seed", "control_seed") and v is None)
             and not (k == "augment" and v == MarkingConfig.augmentation) and not (k == "views" and v == 1)
-            and not (k == "withhold" and not v)}
+            and not (k == "withhold" and not v) and not (k == "dataset" and v == "cifar10")
+            and not (k == "reference" and v is None)}
     cell_id = hashlib.sha256(json.dumps(cell, sort_keys=True).encode()).hexdigest()[:12]
     if a.results.is_file():
         for ln in a.results.read_text().splitlines():
@@ -76,9 +82,12 @@ def main(argv=None) -> int:
                 return 0
     t0 = time.time()
     work = a.workdir
-    data = work / f"cifar10-{a.train_per_class}-{a.test_per_class}"
-    if not (data / "test").is_dir():
-        cifar10_subset(data, a.train_per_class, a.test_per_class)
+    if a.dataset == "cifar100":
+        data = cifar100_extract(work, {"train": a.train_per_class, "test": a.test_per_class})
+    else:
+        data = work / f"cifar10-{a.train_per_class}-{a.test_per_class}"
+        if not (data / "test").is_dir():
+            cifar10_subset(data, a.train_per_class, a.test_per_class)
     train_dir, test_dir = data / "train", data / "test"
     classes = sorted(x.name for x in train_dir.iterdir())
     spec = MarkingNetworkSpec("trained", 32, path=str(a.marker)) if a.marker else MarkingNetworkSpec()
@@ -88,7 +97,8 @@ def main(argv=None) -> int:
     mark_id = hashlib.sha256(json.dumps([a.fraction, a.seed, a.steps, a.linf, a.lambda_img, a.train_per_class]
                                         + ([a.holdout] if a.holdout else [])
                                         + ([str(a.marker), a.augment, a.views] if a.marker or a.augment != "resized_crop"
-                                           or a.views != 1 else []))
+                                           or a.views != 1 else [])
+                                        + ([a.dataset] if a.dataset != "cifar10" else []))
                              .encode()).hexdigest()[:10]
     released = work / f"marked-{mark_id}" / "train"
     record = work / f"marked-{mark_id}.record.jsonl"
@@ -139,6 +149,8 @@ def main(argv=None) -> int:
         if name == "control" and a.control_seed is not None:
             tcfg = replace(tcfg, seed=a.control_seed)
         tag = f"{name}-{mark_id if name == 'suspect' else 'vanilla'}-{a.arch}-{a.epochs}-{a.lr}-{tcfg.seed}"
+        if a.dataset != "cifar10":
+            tag = f"{a.dataset}-{a.train_per_class}-{tag}"
         if a.withhold and name == "suspect":
             tag += f"-w{a.withhold}"
         weights = work / "models" / f"{tag}.safetensors"
@@ -163,6 +175,9 @@ def main(argv=None) -> int:
                      "log10_p_blackbox_control_mirror": bb.extra.get("control_mirror_log10_pvalue"),
                      "blackbox_median_loss_diff": bb.extra["median_loss_difference"],
                      "blackbox_median_loss_diff_holdout": bb.extra.get("median_loss_difference_holdout")}
+        if a.reference:
+            gr = gradient_detect(record, key, weights, a.reference)
+            out[name].update({"log10_p_gradient": gr.log10_pvalue, "gradient_reference": [str(r) for r in a.reference]})
         if withheld:  # membership: vanilla versions of released vs withheld images (a control saw them all)
             net, meta = load_runnable(weights)
             index = {c: i for i, c in enumerate(meta["classes"])}

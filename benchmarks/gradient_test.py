@@ -61,13 +61,14 @@ def view(x: torch.Tensor, v: int, g: torch.Generator) -> torch.Tensor:
     return x.flip(-1) if v % 2 else x
 
 
-def model_h(path: Path, marker, x: torch.Tensor, y: torch.Tensor, views: int) -> torch.Tensor:
-    net, _ = load_runnable(path)
+def model_h(path: Path, marker, x: torch.Tensor, y: torch.Tensor, views: int, device: str) -> torch.Tensor:
+    net = load_runnable(path)[0].to(device)
     g = torch.Generator().manual_seed(0)
     h = torch.zeros(len(x), marker.feature_dim, dtype=torch.float64)
     for v in range(views):
         for s in range(0, len(x), 100):
-            h[s:s + 100] += pulled_back_gradients(net, marker, view(x[s:s + 100], v, g), y[s:s + 100])
+            xb = view(x[s:s + 100], v, g).to(device)
+            h[s:s + 100] += pulled_back_gradients(net, marker, xb, y[s:s + 100].to(device)).cpu()
     return h / views
 
 
@@ -81,6 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--image-set", choices=("marked", "unmarked", "test"), default="marked")
     p.add_argument("--views", type=int, default=1)
     p.add_argument("--unit", action="store_true")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/gradient_test.jsonl"))
     a = p.parse_args(argv)
     torch.manual_seed(0)
@@ -91,20 +93,20 @@ def main(argv=None) -> int:
     items = image_set(header, entries, key.classes, a.image_set)
     x = torch.from_numpy(np.stack([load_rgb(q) for q, _ in items])).permute(0, 3, 1, 2).float() / 255
     y = torch.tensor([k for _, k in items])
-    marker = load_marking_network(key.network)[0].eval()
+    marker = load_marking_network(key.network)[0].to(a.device).eval()
     for q in marker.parameters():
         q.requires_grad_(False)
 
     def unit(h):
         return h / h.norm(dim=1, keepdim=True).clamp_min(1e-300) if a.unit else h
 
-    refs = [unit(model_h(r, marker, x, y, a.views)) for r in a.reference]
+    refs = [unit(model_h(r, marker, x, y, a.views, a.device)) for r in a.reference]
     ref = torch.stack(refs).mean(0) if refs else 0.0
     for model in a.models:
         if model in a.reference:
             continue
         t0 = time.time()
-        d = unit(model_h(model, marker, x, y, a.views)) - ref
+        d = unit(model_h(model, marker, x, y, a.views, a.device)) - ref
         sums = torch.stack([d[y == k].sum(0) for k in range(len(key.classes))])
         cos = F.cosine_similarity(sums, key.carriers.double(), dim=1).numpy()
         lp = np.asarray(cosine_log10_pvalue(cos, key.dim))

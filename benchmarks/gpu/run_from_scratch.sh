@@ -18,7 +18,7 @@
 # 2 min, each training about 4 min (augmentation runs on the CPU), detection 1 min: about 11 min for the
 # first cell, about 11 more for the second (two trainings); over the 10-minute limit of one device call,
 # so run the two cells as two calls if needed. The decoy-carrier step at the end (20,000 markings at 32 px,
-# batched) adds about 3 min.
+# batched) adds about 3 min; the gradient test after it (one backward pass per image and model) under 1 min.
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 export PYTHONPATH="/tmp/site:$PWD/src" RADIOACTIVE_DATA="$PWD/.gpudata" RADIOACTIVE_CACHE=/tmp/radioactive-cache
@@ -42,3 +42,11 @@ python3 benchmarks/decoy_carriers.py --device cuda --record "$REC" \
     --suspects /tmp/fs/models/suspect-*-resnet18_cifar-40-0.2-1-w0.1.safetensors \
     /tmp/fs/models/control-vanilla-resnet18_cifar-40-0.2-0.safetensors \
     --per-class 20 --decoys 99 --cache /tmp/fs/decoys --results "$OUT/decoy_carriers_gpu.jsonl" 2>&1 | tee -a "$OUT/log.txt"
+# Fourth step: the gradient test (white-box, exact, radioactive.gradient) on the same suspect and the marker
+# (a vanilla control), with the same reference.
+python3 benchmarks/gradient_test.py --device cuda --record "$REC" \
+    --marker /tmp/fs/models/control-vanilla-resnet18_cifar-40-0.2-0.safetensors --key-seed 1000 \
+    --reference /tmp/fs/models/control-vanilla-resnet18_cifar-40-0.2-1.safetensors \
+    --models /tmp/fs/models/suspect-*-resnet18_cifar-40-0.2-1-w0.1.safetensors \
+    /tmp/fs/models/control-vanilla-resnet18_cifar-40-0.2-0.safetensors \
+    --results "$OUT/gradient_test_gpu.jsonl" 2>&1 | tee -a "$OUT/log.txt"
