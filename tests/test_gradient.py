@@ -73,9 +73,25 @@ def test_an_independent_suspect_is_not_detected_and_its_own_reference_gives_zero
     res = gradient_detect(release, key, suspect)
     assert not res.detected and res.log10_pvalue > -3
     assert max(abs(c) for c in res.cosines) < 5 / math.sqrt(key.dim)
-    same = gradient_detect(release, key, suspect, reference=[suspect, suspect])
-    assert same.cosines == [0.0] * len(key.classes) and not same.detected
-    assert same.extra["reference"] == [str(suspect)] * 2
+    with pytest.raises(RadioactiveError, match="is the suspect itself"):
+        gradient_detect(release, key, suspect, reference=[suspect])
+    copy = tmp_path / "copy.safetensors"  # a byte copy under another name is refused too
+    copy.write_bytes(suspect.read_bytes())
+    copy.with_suffix(".json").write_text(suspect.with_suffix(".json").read_text())
+    with pytest.raises(RadioactiveError, match="is the suspect itself"):
+        gradient_detect(release, key, suspect, reference=copy)
+
+
+def test_batch_size_and_class_subset_do_not_change_a_class_result(release, key, tmp_path):
+    suspect = _probe(tmp_path / "s.safetensors", 50.0 * key.carriers.numpy(), key)
+    ref = _probe(tmp_path / "r.safetensors", np.random.default_rng(5).standard_normal((len(key.classes), key.dim)), key)
+    full = gradient_detect(release, key, suspect, ref)
+    sub = gradient_detect(release, key, suspect, ref, only_classes=["frog", "cat"], batch_size=1)
+    assert sub.classes == ["cat", "frog"] and sub.extra["images_per_class"] == [3, 3]
+    for c, cos in zip(sub.classes, sub.cosines):
+        assert cos == pytest.approx(full.cosines[full.classes.index(c)], rel=1e-4)  # float32 kernels vary with batch size
+    with pytest.raises(RadioactiveError, match="not in the key"):
+        gradient_detect(release, key, suspect, only_classes=["unicorn"])
 
 
 def test_only_vanilla_originals_are_read(release, key, tmp_path):
@@ -90,6 +106,18 @@ def test_only_vanilla_originals_are_read(release, key, tmp_path):
     finally:
         shutil.move(moved, header["output"])
     assert after.cosines == before.cosines
+
+
+def test_a_source_replaced_by_its_marked_output_is_refused(release, key, tmp_path):
+    """If the vanilla originals were overwritten by the release, marked pixels would enter the statistic."""
+    header = json.loads(release.read_text().splitlines()[0])
+    entry = json.loads(release.read_text().splitlines()[1])
+    src = tmp_path / "src"
+    shutil.copytree(header["source"], src)
+    (src / entry["source"]).write_bytes((Path(header["output"]) / entry["output"]).read_bytes())
+    suspect = _probe(tmp_path / "s.safetensors", key.carriers.numpy(), key)
+    with pytest.raises(RadioactiveError, match="byte-identical"):
+        gradient_detect(release, key, suspect, source_root=src)
 
 
 def test_wrong_key_and_unknown_class_raise(release, key, tmp_path):

@@ -68,6 +68,7 @@ class RecordEntry:
     class_name: str
     released: bool = True
     name: str = ""  # the record's output name (relative to the released or holdout folder)
+    sha256: str = ""  # of the marked output file, as written by mark
 
     @property
     def mirror_name(self) -> str:
@@ -110,7 +111,7 @@ def read_record(record: str | Path, source_root: str | Path | None = None,
             base = out if ln.get("released", True) else hold
             s, o = (src / ln["source"]).resolve(), (base / ln["output"]).resolve()
             entry = RecordEntry(s, o, int(ln["carrier_index"]), str(ln["class"]), bool(ln.get("released", True)),
-                                str(ln["output"]))
+                                str(ln["output"]), str(ln.get("sha256", "")))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise RadioactiveError(f"{record}: malformed entry on line {n} ({e!r})") from e
         if not s.is_relative_to(src) or not o.is_relative_to(base):

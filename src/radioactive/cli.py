@@ -206,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="white-box: also score this many fresh random keys and report the real key's rank")
     d.add_argument("--reference", type=_existing, nargs="+", default=[],
                    help="gradient, decoy-carrier: vanilla model(s) trained without the key (recommended)")
+    d.add_argument("--source", type=_existing, default=None,
+                   help="gradient: the folder of vanilla originals, if it moved since marking (default: the record's)")
     d.add_argument("--decoy-carriers", type=_positive_int, default=29, help="decoy-carrier: decoys per class (M)")
     d.add_argument("--per-class", type=_positive_int, default=20,
                    help="decoy-carrier: released marked images per class (n)")
@@ -360,7 +362,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
             if args.record is None or args.suspect is None or args.key is None:
                 parser.error("gradient detection needs --record, --key and --suspect")
-            result = gradient_detect(args.record, Key.load(args.key), args.suspect, args.reference, alpha=args.alpha)
+            result = gradient_detect(args.record, Key.load(args.key), args.suspect, args.reference, alpha=args.alpha,
+                                     only_classes=only, source_root=args.source)
         elif args.method == "decoy-carrier":
             from .decoys import decoy_carrier_detect
 

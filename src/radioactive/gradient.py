@@ -29,19 +29,27 @@ whatever the models are. Carriers are independent across classes, so the p_k are
 Fisher's combination is exact. Never use marked images here: their pixels depend on the carriers.
 
 Cost: per model, one backward pass of the model and one forward-mode Jacobian-vector product of the
-marking network per image (about 3 s for 1,000 CIFAR images with a ResNet-18 on 2 CPU cores).
+marking network per image: about 3 s per model for 1,000 CIFAR images (ResNet-18 suspect and marker,
+2 idle CPU cores). Memory: one batch of images and K x D sums per model.
+
+Fix the references before looking at a suspect's result: which vanilla model serves as the reference
+moves a reading by up to 1.7 orders of magnitude (docs/from-scratch.md), so choosing it afterwards
+would bias the p-value. Innocent models tested with the same key and references get correlated
+p-values (they share S_k's reference part); each p-value is still exact.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .blackbox import read_record
+from .blackbox import RecordEntry, read_record
 from .data import load_rgb
 from .detection import DetectionResult
 from .errors import RadioactiveError
@@ -55,101 +63,147 @@ def pulled_back_gradients(model: torch.nn.Module, marker: FeatureNetwork, images
     """h(x) = J_phi(x) (-grad_x CE(model(x), y)) for a batch (module docstring).
 
     Args:
-        model: maps (B, 3, H, W) images in [0, 1] to (B, K) logits (a runnable suspect or reference).
+        model: maps (B, 3, H, W) images in [0, 1] to (B, K) logits; autograd must differentiate it in its input.
         marker: the marking network; phi = its features (input of its last linear layer).
         images: (B, 3, H, W) float images in [0, 1], vanilla.
         labels: (B,) int64 class indices in the model's class order.
 
     Returns:
         (B, D) float64: the first-order change of the marking network's features when each image moves
-        along the negative gradient of its own cross-entropy loss (nats per unit pixel step, pixels in [0, 1]).
+        along the negative gradient of its own cross-entropy loss. Only its direction is used.
+
+    Raises:
+        RadioactiveError: the model is not differentiable in its input, or gives outputs of another shape
+            than (B, K > max label).
     """
     x = images.detach().clone().requires_grad_(True)
-    loss = F.cross_entropy(model(x), labels, reduction="sum")
-    (grad,) = torch.autograd.grad(loss, x)
-    with torch.no_grad():
+    logits = model(x)
+    if logits.ndim != 2 or logits.shape[0] != len(x) or logits.shape[1] <= int(labels.max()):
+        raise RadioactiveError(f"the model gives outputs of shape {tuple(logits.shape)} for {len(x)} images of "
+                               f"{int(labels.max()) + 1}+ classes")
+    try:
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits, labels, reduction="sum"), x)
+    except RuntimeError as e:
+        raise RadioactiveError(f"the model is not differentiable in its input, which the gradient test needs ({e})") from e
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
         _, jvp = torch.func.jvp(marker.features, (images.detach(),), (-grad,))
     return jvp.double()
 
 
-def _model_h(path: str | Path, marker: FeatureNetwork, images: list[np.ndarray], class_names: list[str],
-             batch_size: int, device: str) -> torch.Tensor:
-    net, meta = load_runnable(path)
-    net = net.to(device).eval()
-    missing = sorted(set(class_names) - set(meta["classes"]))
-    if missing:
-        raise RadioactiveError(f"classes {missing} of the record are unknown to {path}")
-    labels = torch.tensor([meta["classes"].index(c) for c in class_names])
-    out = []
-    start = 0
-    while start < len(images):  # batches of consecutive images of one size
-        stop = start + 1
-        while stop < min(len(images), start + batch_size) and images[stop].shape == images[start].shape:
-            stop += 1
-        x = torch.from_numpy(np.stack(images[start:stop])).permute(0, 3, 1, 2).float().div(255).to(device)
-        out.append(pulled_back_gradients(net, marker, x, labels[start:stop].to(device)).cpu())
-        start = stop
-    return torch.cat(out)
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _batches(entries: list[RecordEntry], batch_size: int):
+    """Consecutive runs of at most batch_size entries whose images have one size: (entries, (B, 3, H, W) in [0, 1])."""
+    run, imgs = [], []
+    for e in entries:
+        if e.sha256 and _sha256(e.source) == e.sha256:
+            raise RadioactiveError(f"{e.source} is byte-identical to its marked output: the test needs the vanilla "
+                                   "originals (give their folder with source_root / --source)")
+        a = load_rgb(e.source)
+        if run and (len(run) == batch_size or a.shape != imgs[0].shape):
+            yield run, torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(255)
+            run, imgs = [], []
+        run.append(e)
+        imgs.append(a)
+    if run:
+        yield run, torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(255)
 
 
 def gradient_detect(record: str | Path, key: Key, suspect: str | Path,
                     reference: str | Path | list[str | Path] | tuple = (), alpha: float = 1e-3,
+                    only_classes: list[str] | None = None, source_root: str | Path | None = None,
                     batch_size: int = 100, device: str = "cpu") -> DetectionResult:
     """Gradient test of a differentiable suspect (module docstring: statistic, null, cost).
 
     Args:
-        record: the private record of ``mark``; its released marked images' vanilla originals are read
-            (the ``source`` folder must still hold them, unchanged).
+        record: the private record of ``mark``; the vanilla originals of its released marked images are
+            read (never the marked images; holdout and withheld entries are not used).
         key: the key the record was marked with (its fingerprint must match the record's); its marking
             network is loaded.
         suspect: a runnable suspect (weights + sidecar, or TorchScript + sidecar) that autograd can
-            differentiate.
-        reference: zero or more runnable models trained on vanilla data without the key (recommended; one
-            or more, their h are averaged).
+            differentiate in its input.
+        reference: zero or more runnable models trained on vanilla data without the key (recommended; their
+            h are averaged); none may be the suspect's file.
         alpha: significance level of the verdict, in (0, 1).
+        only_classes: test only these classes (chosen before looking at any result keeps the test exact).
+        source_root: the folder of vanilla originals, if it moved since marking (default: the record's).
         batch_size: images per pass (>= 1).
+        device: torch device of the models (``cpu``, ``cuda``).
 
     Returns:
         a :class:`DetectionResult` with method ``white-box gradient``: per-class cosines c_k in [-1, 1],
-        their log10 p_k, and the combined log10 p; ``extra`` holds the references and images per class.
+        their log10 p_k, and the combined log10 p; ``extra`` holds the record, the references and the
+        images per class.
 
     Raises:
-        RadioactiveError: the key does not match the record, no released marked image of the key's
-            classes, unreadable images or models, a class the suspect or a reference does not know.
+        RadioactiveError: bad alpha or batch size; the record has no key fingerprint or another key's; no
+            released marked image of the tested classes; an unknown class; unreadable images or models; a
+            source image identical to its marked output; a reference that is the suspect's file; a model
+            that is not differentiable, gives non-finite gradients, or cannot be told from the references.
     """
     t0 = time.time()
     if batch_size < 1:
         raise RadioactiveError("batch_size must be at least 1")
+    if not 0 < alpha < 1:
+        raise RadioactiveError(f"alpha must be in (0, 1), got {alpha}")
     references = [reference] if isinstance(reference, (str, Path)) else list(reference)
-    header, entries = read_record(record)
-    if header.get("key_fingerprint") and header["key_fingerprint"] != key.fingerprint:
+    suspect_sha = _sha256(Path(suspect)) if Path(suspect).is_file() else None
+    for r in references:
+        if Path(r).resolve() == Path(suspect).resolve() or (Path(r).is_file() and _sha256(Path(r)) == suspect_sha):
+            raise RadioactiveError(f"the reference {r} is the suspect itself: a reference must be a vanilla model "
+                                   "trained without the key")
+    header, entries = read_record(record, source_root)
+    if header.get("key_fingerprint") != key.fingerprint:
         raise RadioactiveError(f"the key ({key.fingerprint}) is not the one the record was marked with "
-                               f"({header['key_fingerprint']})")
+                               f"({header.get('key_fingerprint')})")
     index = {c: i for i, c in enumerate(key.classes)}
-    chosen = [e for e in entries if e.released and e.class_name in index]
+    if only_classes is not None:
+        unknown = sorted(set(only_classes) - set(index))
+        if unknown:
+            raise RadioactiveError(f"classes {unknown} are not in the key")
+    wanted = set(index) if only_classes is None else set(only_classes)
+    chosen = [e for e in entries if e.released and e.class_name in wanted]
     if not chosen:
-        raise RadioactiveError(f"{record} lists no released marked image of the key's classes")
-    images = [load_rgb(e.source) for e in chosen]
-    names = [e.class_name for e in chosen]
+        raise RadioactiveError(f"{record} lists no released marked image of the tested classes")
+    classes = sorted({index[e.class_name] for e in chosen})
+    row = {k: i for i, k in enumerate(classes)}
     marker = load_marking_network(key.network)[0].to(device).eval()
     for p in marker.parameters():
         p.requires_grad_(False)
-    h = _model_h(suspect, marker, images, names, batch_size, device)
-    if references:
-        h = h - torch.stack([_model_h(r, marker, images, names, batch_size, device) for r in references]).mean(0)
-    ks = np.array([index[c] for c in names])
-    classes = sorted(set(ks.tolist()))
-    sums = torch.stack([h[torch.from_numpy(ks == k)].sum(0) for k in classes])
-    cos = F.cosine_similarity(sums, key.carriers[classes].double(), dim=1).nan_to_num(0.0).numpy()
+    models = []
+    for path in [suspect, *references]:
+        net, meta = load_runnable(path)
+        missing = sorted({key.classes[k] for k in classes} - set(meta["classes"]))
+        if missing:
+            raise RadioactiveError(f"classes {missing} of the record are unknown to {path}")
+        models.append((path, net.to(device).eval(), meta["classes"]))
+    sums = torch.zeros(len(models), len(classes), key.dim, dtype=torch.float64)
+    for batch, x in _batches(chosen, batch_size):
+        rows = torch.tensor([row[index[e.class_name]] for e in batch])
+        for m, (path, net, names) in enumerate(models):
+            labels = torch.tensor([names.index(e.class_name) for e in batch], device=device)
+            h = pulled_back_gradients(net, marker, x.to(device), labels).cpu()
+            if not torch.isfinite(h).all():
+                raise RadioactiveError(f"{path} gives non-finite gradients on {batch[0].source.parent}")
+            sums[m].index_add_(0, rows, h)
+    stat = sums[0] - sums[1:].mean(0) if references else sums[0]
+    if references and bool((stat.norm(dim=1) <= 1e-9 * sums[0].norm(dim=1)).any()):
+        raise RadioactiveError("the suspect's gradients equal the references' mean: it cannot be told from them "
+                               "(is a reference a copy of the suspect?)")
+    cos = F.cosine_similarity(stat, key.carriers[classes].double(), dim=1).numpy()
     class_log10 = np.asarray(cosine_log10_pvalue(cos, key.dim), dtype=float)
     log10_p = fisher_log10_pvalue(class_log10)
     return DetectionResult(
         method="white-box gradient", log10_pvalue=log10_p, detected=bool(log10_p < np.log10(alpha)), alpha=alpha,
         classes=[key.classes[k] for k in classes], cosines=cos.tolist(), class_log10_pvalues=class_log10.tolist(),
-        dim=key.dim, key_fingerprint=key.fingerprint, suspect={"path": str(suspect)}, seconds=time.time() - t0,
+        dim=key.dim, key_fingerprint=key.fingerprint, suspect={"path": str(suspect), "sha256": suspect_sha},
+        seconds=time.time() - t0,
         extra={"test": "cosine of each carrier with the sum over its class's vanilla images of the suspect's "
                        "negative input gradient pulled back through the marking network (minus the references' "
                        "mean); Fisher's combination over classes",
-               "reference": [str(r) for r in references],
-               "images_per_class": [int((ks == k).sum()) for k in classes]},
+               "record": str(record), "reference": [str(r) for r in references],
+               "images_per_class": [sum(index[e.class_name] == k for e in chosen) for k in classes]},
     )
