@@ -69,7 +69,8 @@ def main(argv=None) -> int:
                    help="vanilla models trained without the key: also run the gradient test (radioactive.gradient)")
     a = p.parse_args(argv)
 
-    cell = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()
+    cell = {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v)
+            for k, v in vars(a).items()
             if k not in ("workdir", "results", "device") and not (k in ("marker", "train_seed", "control_seed") and v is None)
             and not (k == "augment" and v == MarkingConfig.augmentation) and not (k == "views" and v == 1)
             and not (k == "withhold" and not v) and not (k == "dataset" and v == "cifar10")
