@@ -13,7 +13,7 @@ each image to move, and reads that direction in the marking network's feature sp
     p    = Fisher's combination of the p_k over the tested classes.
 
 <u_k, h(x)> is the first-order change of the suspect's loss when x moves by the one-step mark
-J_phi(x)^T u_k (the gradient direction of the marking objective, Sablayrolles et al. 2020, Sec. 4.1),
+J_phi(x)^T u_k (the gradient direction of the marking objective, Sablayrolles et al. 2020, Section 3.2),
 so c_k is large when the suspect prefers images marked with the real carrier. The references are models
 the owner trained on vanilla images, without the key; subtracting them removes the part of h that any
 model trained on these photographs shares (without a reference that shared part dominates and the test
@@ -24,7 +24,7 @@ The test images are the vanilla originals of the released marked images, listed 
 Null hypothesis H0: the suspect and the references are independent of the key (e.g. never trained on
 data marked with it). The test images are chosen by the record's seed, not by the carriers, and are
 read unmarked, so S_k is then independent of u_k, which is uniform on the unit sphere: c_k has exactly
-the null density of :func:`radioactive.stats.cosine_log10_pvalue` (Sablayrolles et al. 2020, Sec. 3),
+the null density of :func:`radioactive.stats.cosine_log10_pvalue` (Sablayrolles et al. 2020, Section 3),
 whatever the models are. Carriers are independent across classes, so the p_k are independent and
 Fisher's combination is exact. Never use marked images here: their pixels depend on the carriers.
 
