@@ -176,7 +176,7 @@ def main(argv=None) -> int:
                      "log10_p_blackbox_control_mirror": bb.extra.get("control_mirror_log10_pvalue"),
                      "blackbox_median_loss_diff": bb.extra["median_loss_difference"],
                      "blackbox_median_loss_diff_holdout": bb.extra.get("median_loss_difference_holdout")}
-        if a.reference:
+        if a.reference and weights.resolve() not in {r.resolve() for r in a.reference}:  # a reference is not tested
             gr = gradient_detect(record, key, weights, a.reference)
             out[name].update({"log10_p_gradient": gr.log10_pvalue, "gradient_reference": [str(r) for r in a.reference]})
         if withheld:  # membership: vanilla versions of released vs withheld images (a control saw them all)
