@@ -9,14 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import save_file
+from probes import linear_probe  # tests/ is on sys.path (pytest's prepend import mode)
 
 from radioactive.decoys import decoy_carrier_detect, record_marking_config
 from radioactive.errors import RadioactiveError
 from radioactive.keys import generate_key
 from radioactive.marking import MarkingConfig, mark_folder
-from radioactive.networks import Preprocessing
 
 CFG = MarkingConfig(steps=10, batch_size=32)
 N, M = 2, 3
@@ -29,16 +27,6 @@ def release(cifar_small, key, tmp_path_factory):
     return Path(summary.record)
 
 
-def _probe(path: Path, weight: np.ndarray, key) -> Path:
-    """A linear probe on the marking network's features, written like radioactive.training does."""
-    save_file({"weight": torch.as_tensor(weight, dtype=torch.float32).contiguous(),
-               "bias": torch.zeros(len(weight), dtype=torch.float32)}, str(path))
-    meta = {"architecture": "linear", "backbone": key.network.to_dict(), "classifier": "head",
-            "preprocessing": Preprocessing(None).to_dict(), "classes": list(key.classes), "test_accuracy": None}
-    path.with_suffix(".json").write_text(json.dumps(meta))
-    return path
-
-
 def test_record_marking_config_round_trips(release):
     header = json.loads(release.read_text().splitlines()[0])
     assert record_marking_config(header) == CFG
@@ -49,7 +37,7 @@ def test_record_marking_config_round_trips(release):
 def test_a_suspect_that_learnt_the_carriers_ranks_first_in_every_class(release, key, tmp_path):
     """Classifier rows along the carriers: marking with the real carrier raises the true class's logit, a decoy
     does not, so the real carrier beats all M decoys in every class and p reaches its floor."""
-    suspect = _probe(tmp_path / "s.safetensors", 50.0 * key.carriers.numpy(), key)
+    suspect = linear_probe(tmp_path / "s.safetensors", 50.0 * key.carriers.numpy(), key)
     res = decoy_carrier_detect(release, key, suspect, per_class=N, decoys=M, seed=0)
     assert res.method == "black-box decoy-carrier" and len(res.classes) == len(key.classes)
     np.testing.assert_allclose(res.class_log10_pvalues, -math.log10(M + 1))
@@ -60,7 +48,7 @@ def test_a_suspect_that_learnt_the_carriers_ranks_first_in_every_class(release, 
 
 def test_a_suspect_independent_of_the_key_is_not_detected(release, key, tmp_path):
     w = np.random.default_rng(3).standard_normal((len(key.classes), key.dim)) / math.sqrt(key.dim)
-    suspect = _probe(tmp_path / "v.safetensors", w, key)
+    suspect = linear_probe(tmp_path / "v.safetensors", w, key)
     res = decoy_carrier_detect(release, key, suspect, per_class=N, decoys=M, seed=1)
     allowed = {round(math.log10(r / (M + 1)), 9) for r in range(1, M + 2)}
     assert {round(p, 9) for p in res.class_log10_pvalues} <= allowed
@@ -72,7 +60,7 @@ def test_a_suspect_independent_of_the_key_is_not_detected(release, key, tmp_path
 
 def test_wrong_key_and_bad_sizes_raise(release, key, tmp_path):
     other = generate_key(key.classes, seed=99)
-    suspect = _probe(tmp_path / "s.safetensors", key.carriers.numpy(), key)
+    suspect = linear_probe(tmp_path / "s.safetensors", key.carriers.numpy(), key)
     with pytest.raises(RadioactiveError, match="not the one"):
         decoy_carrier_detect(release, other, suspect, per_class=N, decoys=M)
     with pytest.raises(RadioactiveError, match="at least 1"):
@@ -82,7 +70,7 @@ def test_wrong_key_and_bad_sizes_raise(release, key, tmp_path):
 def test_cli_decoy_carrier(release, key, tmp_path, capsys):
     from radioactive.cli import main
 
-    suspect = _probe(tmp_path / "s.safetensors", 50.0 * key.carriers.numpy(), key)
+    suspect = linear_probe(tmp_path / "s.safetensors", 50.0 * key.carriers.numpy(), key)
     key.save(tmp_path / "key.safetensors")
     rc = main(["detect", "--method", "decoy-carrier", "--record", str(release), "--key", str(tmp_path / "key.safetensors"),
                "--suspect", str(suspect), "--per-class", str(N), "--decoy-carriers", str(M)])

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from probes import linear_probe  # tests/ is on sys.path (pytest's prepend import mode)
 
 from radioactive.errors import RadioactiveError
 from radioactive.gradient import gradient_detect, pulled_back_gradients
 from radioactive.keys import generate_key
 from radioactive.marking import MarkingConfig, mark_folder
-from radioactive.networks import Preprocessing, load_marking_network, load_runnable
+from radioactive.networks import load_marking_network, load_runnable
 
 CFG = MarkingConfig(steps=5, batch_size=32)
 
@@ -29,21 +29,11 @@ def release(cifar_small, key, tmp_path_factory):
     return Path(summary.record)
 
 
-def _probe(path: Path, weight: np.ndarray, key) -> Path:
-    """A linear probe on the marking network's features, written like radioactive.training does."""
-    save_file({"weight": torch.as_tensor(weight, dtype=torch.float32).contiguous(),
-               "bias": torch.zeros(len(weight), dtype=torch.float32)}, str(path))
-    meta = {"architecture": "linear", "backbone": key.network.to_dict(), "classifier": "head",
-            "preprocessing": Preprocessing(None).to_dict(), "classes": list(key.classes), "test_accuracy": None}
-    path.with_suffix(".json").write_text(json.dumps(meta))
-    return path
-
-
 def test_pulled_back_gradient_is_the_jacobian_vector_product(real_batch, key, tmp_path):
     """h(x) against a central finite difference of the marking network's features along -grad_x CE."""
     marker = load_marking_network(key.network)[0].eval().double()
     w = np.random.default_rng(0).standard_normal((len(key.classes), key.dim))
-    net, _ = load_runnable(_probe(tmp_path / "p.safetensors", w, key))
+    net, _ = load_runnable(linear_probe(tmp_path / "p.safetensors", w, key))
     net = net.double()
     x = real_batch[0][:2].double() / 255
     y = real_batch[1][:2]
@@ -60,7 +50,7 @@ def test_pulled_back_gradient_is_the_jacobian_vector_product(real_batch, key, tm
 def test_a_suspect_that_learnt_the_carriers_is_detected(release, key, tmp_path):
     """Classifier rows along the carriers: the suspect's loss falls when features move along the class's
     carrier, so every class's cosine is positive and the combined p is tiny."""
-    suspect = _probe(tmp_path / "s.safetensors", 50.0 * key.carriers.numpy(), key)
+    suspect = linear_probe(tmp_path / "s.safetensors", 50.0 * key.carriers.numpy(), key)
     res = gradient_detect(release, key, suspect)
     assert res.method == "white-box gradient" and res.classes == list(key.classes)
     assert res.extra["images_per_class"] == [3] * len(key.classes)
@@ -69,7 +59,7 @@ def test_a_suspect_that_learnt_the_carriers_is_detected(release, key, tmp_path):
 
 def test_an_independent_suspect_is_not_detected_and_its_own_reference_gives_zero(release, key, tmp_path):
     w = np.random.default_rng(3).standard_normal((len(key.classes), key.dim)) / math.sqrt(key.dim)
-    suspect = _probe(tmp_path / "v.safetensors", w, key)
+    suspect = linear_probe(tmp_path / "v.safetensors", w, key)
     res = gradient_detect(release, key, suspect)
     assert not res.detected and res.log10_pvalue > -3
     assert max(abs(c) for c in res.cosines) < 5 / math.sqrt(key.dim)
@@ -83,8 +73,8 @@ def test_an_independent_suspect_is_not_detected_and_its_own_reference_gives_zero
 
 
 def test_batch_size_and_class_subset_do_not_change_a_class_result(release, key, tmp_path):
-    suspect = _probe(tmp_path / "s.safetensors", 50.0 * key.carriers.numpy(), key)
-    ref = _probe(tmp_path / "r.safetensors", np.random.default_rng(5).standard_normal((len(key.classes), key.dim)), key)
+    suspect = linear_probe(tmp_path / "s.safetensors", 50.0 * key.carriers.numpy(), key)
+    ref = linear_probe(tmp_path / "r.safetensors", np.random.default_rng(5).standard_normal((len(key.classes), key.dim)), key)
     full = gradient_detect(release, key, suspect, ref)
     sub = gradient_detect(release, key, suspect, ref, only_classes=["frog", "cat"], batch_size=1)
     assert sub.classes == ["cat", "frog"] and sub.extra["images_per_class"] == [3, 3]
@@ -96,7 +86,7 @@ def test_batch_size_and_class_subset_do_not_change_a_class_result(release, key, 
 
 def test_only_vanilla_originals_are_read(release, key, tmp_path):
     """The null is exact only if no marked pixel enters the statistic: removing the released copy changes nothing."""
-    suspect = _probe(tmp_path / "s.safetensors", 50.0 * key.carriers.numpy(), key)
+    suspect = linear_probe(tmp_path / "s.safetensors", 50.0 * key.carriers.numpy(), key)
     before = gradient_detect(release, key, suspect)
     header = json.loads(release.read_text().splitlines()[0])
     moved = tmp_path / "moved"
@@ -115,13 +105,13 @@ def test_a_source_replaced_by_its_marked_output_is_refused(release, key, tmp_pat
     src = tmp_path / "src"
     shutil.copytree(header["source"], src)
     (src / entry["source"]).write_bytes((Path(header["output"]) / entry["output"]).read_bytes())
-    suspect = _probe(tmp_path / "s.safetensors", key.carriers.numpy(), key)
+    suspect = linear_probe(tmp_path / "s.safetensors", key.carriers.numpy(), key)
     with pytest.raises(RadioactiveError, match="byte-identical"):
         gradient_detect(release, key, suspect, source_root=src)
 
 
 def test_wrong_key_and_unknown_class_raise(release, key, tmp_path):
-    suspect = _probe(tmp_path / "s.safetensors", key.carriers.numpy(), key)
+    suspect = linear_probe(tmp_path / "s.safetensors", key.carriers.numpy(), key)
     with pytest.raises(RadioactiveError, match="not the one"):
         gradient_detect(release, generate_key(key.classes, seed=99), suspect)
     meta = json.loads(suspect.with_suffix(".json").read_text())
@@ -134,8 +124,8 @@ def test_wrong_key_and_unknown_class_raise(release, key, tmp_path):
 def test_cli_gradient_with_two_references_and_report(release, key, tmp_path, capsys):
     from radioactive.cli import main
 
-    suspect = _probe(tmp_path / "s.safetensors", 50.0 * key.carriers.numpy(), key)
-    refs = [str(_probe(tmp_path / f"r{i}.safetensors",
+    suspect = linear_probe(tmp_path / "s.safetensors", 50.0 * key.carriers.numpy(), key)
+    refs = [str(linear_probe(tmp_path / f"r{i}.safetensors",
                        np.random.default_rng(i).standard_normal((len(key.classes), key.dim)) / 20, key)) for i in (1, 2)]
     key.save(tmp_path / "key.safetensors")
     rc = main(["detect", "--method", "gradient", "--record", str(release), "--key", str(tmp_path / "key.safetensors"),
