@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 runtime failure (one line on stderr), 2 usage error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -15,11 +16,19 @@ from pathlib import Path
 from . import __version__
 from .data import OUTPUT_FORMATS, OutputFormat
 from .errors import RadioactiveError
-from .marking import MarkingConfig
+from .demo import SETTINGS, DemoConfig
+from .marking import MARKING_PRESETS, MarkingConfig
 from .networks import MarkingNetworkSpec
 from .training import TrainConfig
 
 MC, TC, NS = MarkingConfig(), TrainConfig(), MarkingNetworkSpec()
+_PRESET_FIELDS = ("steps", "lr", "linf", "lambda_img", "lambda_ft", "augmentation", "views", "batch_size")
+
+
+def _preset_text(config: MarkingConfig) -> str:
+    """A preset's settings as the help text shows them."""
+    return ", ".join(f"{k} {getattr(config, k):.4g}" if isinstance(getattr(config, k), float) else
+                     f"{k} {getattr(config, k)}" for k in _PRESET_FIELDS)
 
 
 def _number(cast, ok, expected: str):
@@ -112,16 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave this share of each class's unmarked images out of the release (listed in the record): "
                         "the control of the membership test (detect --method membership)")
     m.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the selection and augmentation draws")
-    m.add_argument("--steps", type=_nonneg_int, default=MC.steps, help="optimisation steps")
-    m.add_argument("--lr", type=_positive_float, default=MC.lr, help="Adam learning rate (pixels in [0, 1])")
-    m.add_argument("--linf", type=_linf, default=MC.linf, help="L-infinity radius in 8-bit levels")
-    m.add_argument("--lambda-img", type=_nonneg_float, default=MC.lambda_img, help="weight of the pixel L2 penalty")
-    m.add_argument("--lambda-ft", type=_nonneg_float, default=MC.lambda_ft,
+    m.add_argument("--preset", choices=tuple(MARKING_PRESETS), default="linear",
+                   help="the settings below that are not given come from this measured configuration: "
+                        + "; ".join(f"{n}: {_preset_text(c)}" for n, c in MARKING_PRESETS.items())
+                        + " (from-scratch expects an in-domain marking network, docs/from-scratch.md)")
+    m.add_argument("--steps", type=_nonneg_int, default=None, help="optimisation steps")
+    m.add_argument("--lr", type=_positive_float, default=None, help="Adam learning rate (pixels in [0, 1])")
+    m.add_argument("--linf", type=_linf, default=None, help="L-infinity radius in 8-bit levels")
+    m.add_argument("--lambda-img", type=_nonneg_float, default=None, help="weight of the pixel L2 penalty")
+    m.add_argument("--lambda-ft", type=_nonneg_float, default=None,
                    help="weight of the feature drift orthogonal to the carrier")
-    m.add_argument("--augmentation", choices=("resized_crop", "pad_crop"), default=MC.augmentation,
+    m.add_argument("--augmentation", choices=("resized_crop", "pad_crop"), default=None,
                    help="augmentation while marking: random resized crop + flip, or the CIFAR trainer's pad-4 crop + flip")
-    m.add_argument("--views", type=_positive_int, default=MC.views, help="augmented views averaged per marking step")
-    m.add_argument("--batch-size", type=_positive_int, default=MC.batch_size, help="images optimised together")
+    m.add_argument("--views", type=_positive_int, default=None, help="augmented views averaged per marking step")
+    m.add_argument("--batch-size", type=_positive_int, default=None, help="images optimised together")
     g = m.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted run into a non-empty output folder: same arguments required; "
@@ -237,7 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", type=Path, required=True, help="HTML file to write")
 
     e = _sub(subs, "demo", "the whole story on CIFAR-10: keygen, mark, train a suspect and a control, detect, report",
-             "radioactive demo --output-dir demo-output")
+             "radioactive demo --output-dir demo-output  # from scratch, ~35 min on 2 CPU cores\n"
+             "  radioactive demo --setting linear --output-dir demo-linear  # linear probe, ~7 min")
+    e.add_argument("--setting", choices=SETTINGS, default=DemoConfig.setting,
+                   help="from-scratch: the trainer trains a ResNet-18 from scratch; the owner trains an in-domain "
+                        "marking network, marks with the from-scratch preset and runs the gradient test. linear: "
+                        "a linear classifier on EfficientNet-Lite0 features, classic white-box test")
     e.add_argument("--output-dir", type=Path, required=True, help="folder to create for every artefact")
     e.add_argument("--data", type=_existing, default=None, help="the CIFAR-10 archive (default: looked up)")
     e.add_argument("--train-per-class", type=_positive_int, default=1000, help="training images per class")
@@ -245,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fraction", type=_fraction, default=0.1, help="marked fraction q")
     e.add_argument("--seed", type=_nonneg_int, default=0, help="seed of everything")
     e.add_argument("--steps", type=_nonneg_int, default=MC.steps, help="marking steps")
-    e.add_argument("--epochs", type=_positive_int, default=30, help="linear classifier epochs")
+    e.add_argument("--epochs", type=_positive_int, default=30, help="training epochs (each model the demo trains)")
     return p
 
 
@@ -282,9 +300,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from .marking import mark_folder
         from .marking.distributed import from_env, shutdown
 
-        cfg = MarkingConfig(steps=args.steps, lr=args.lr, linf=args.linf, lambda_img=args.lambda_img,
-                            lambda_ft=args.lambda_ft, batch_size=args.batch_size, augmentation=args.augmentation,
-                            views=args.views, threads=args.threads)
+        given = {k: getattr(args, k) for k in _PRESET_FIELDS if getattr(args, k) is not None}
+        cfg = dataclasses.replace(MARKING_PRESETS[args.preset], threads=args.threads, **given)
         if args.output_format != "png" and not args.allow_lossy:
             parser.error(f"--output-format {args.output_format} is lossy and weakens the mark; add --allow-lossy to "
                          "accept that (the share of the mark that survives is then measured), or keep png")
@@ -416,24 +433,24 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         path = html_report(DetectionResult.load(args.result), args.output, args.record)
         _emit({"report": str(path)})
     elif args.command == "demo":
-        import dataclasses
+        from .demo import run_demo
 
-        from .demo import DemoConfig, run_demo
-
-        base = DemoConfig()
-        cfg = DemoConfig(train_per_class=args.train_per_class, test_per_class=args.test_per_class,
+        base = DemoConfig(setting=args.setting)
+        cfg = DemoConfig(setting=args.setting, train_per_class=args.train_per_class, test_per_class=args.test_per_class,
                          marked_fraction=args.fraction, seed=args.seed,
                          marking=dataclasses.replace(base.marking, steps=args.steps),
                          training=dataclasses.replace(base.training, epochs=args.epochs, seed=args.seed))
         summary = run_demo(args.output_dir, cfg, archive=args.data, progress=sys.stderr.isatty())
-        rows = [f"{'suspect':<10} {'accuracy':>9} {'log10 p':>9}  verdict"]
+        rows = [f"{'suspect':<10} {'accuracy':>9} {'log10 p':>9}  verdict ({summary['setting']}, {base.training.recipe} "
+                f"trainer, {next(iter(summary['suspects'].values()))['test']} test)"]
         for name, s in summary["suspects"].items():
             rows.append(f"{name:<10} {100 * s['accuracy']:>8.2f}% {s['log10_pvalue']:>9.2f}  "
                         f"{'detected' if s['detected'] else 'not detected'}")
         print("\n".join(rows), file=sys.stderr)
         print(f"PSNR {summary['psnr_db_mean']:.2f} dB, linf {summary['linf_max']}, "
               f"{summary['seconds']:.0f} s; report: {Path(args.output_dir) / 'report.md'}", file=sys.stderr)
-        _emit({k: summary[k] for k in ("dataset", "marked_fraction", "psnr_db_mean", "linf_max", "suspects", "seconds")})
+        _emit({k: summary[k] for k in ("setting", "dataset", "marked_fraction", "psnr_db_mean", "linf_max", "suspects",
+                                       "seconds")})
     return 0
 
 

@@ -90,6 +90,7 @@ def markdown_report(summary: dict, plots: dict[str, str]) -> str:
         plots: suspect name -> plot file name relative to the report.
     """
     s = summary
+    scratch = s.get("setting") == "from-scratch"
     lines = [
         "# Radioactive data: demo report",
         "",
@@ -97,21 +98,38 @@ def markdown_report(summary: dict, plots: dict[str, str]) -> str:
         f"({s['marking']['num_marked']} of {s['marking']['num_images']} training images).",
         f"Marking: mean PSNR {s['psnr_db_mean']:.2f} dB (5th percentile {s['psnr_db_p5']:.2f} dB), "
         f"largest pixel change {s['linf_max']} levels of 255.",
+    ]
+    if scratch:
+        m = s["marking_network"]
+        lines += ["", "Setting: the trainer trains a ResNet-18 from scratch. The marking network is the owner's own "
+                  f"ResNet-18, trained on the vanilla images ({100 * m['accuracy']:.2f} % test accuracy); the key "
+                  "lives in its feature space and the marks follow the trainer's pad-crop + flip."]
+    lines += [
         "",
-        "| suspect | trained on | test accuracy | log10 p (white-box) | rank among decoy keys (log10) | log10 p (black-box) | verdict |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| suspect | trained on | test accuracy | test | log10 p | rank among decoy keys (log10) | log10 p (black-box) | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in s["suspects"].items():
         emp = r.get("decoy_empirical_log10_pvalue")
-        lines.append(f"| {name} | {r['trained_on']} | {100 * r['accuracy']:.2f} % | {r['log10_pvalue']:.2f} | "
-                     f"{'-' if emp is None else f'{emp:.2f}'} | {r.get('blackbox_log10_pvalue', float('nan')):.2f} | "
+        lines.append(f"| {name} | {r['trained_on']} | {100 * r['accuracy']:.2f} % | {r.get('test', 'white-box')} | "
+                     f"{r['log10_pvalue']:.2f} | {'-' if emp is None else f'{emp:.2f}'} | "
+                     f"{r.get('blackbox_log10_pvalue', float('nan')):.2f} | "
                      f"{'detected' if r['detected'] else 'not detected'} |")
-    lines += ["", "What this means: the p-value is the probability that a model which never saw the marked images "
-              "would show cosines this aligned with the secret carriers. It is exact under that null hypothesis, "
-              f"whatever the model. The verdict uses alpha = {s['alpha']:g} on the white-box p-value. "
-              "The decoy column is the rank of the real key among fresh random keys scored against the same "
-              "model (an empirical p-value, bounded below by 1/(decoys+1)). The black-box p-value compares the "
-              "model's loss on the marked images with their vanilla versions (one-sided Wilcoxon signed-rank).", ""]
+    if scratch:
+        test = ("The gradient test (white-box, needs the suspect's weights) takes, for each marked image's vanilla "
+                "original, the suspect's loss gradient pulled back into the marking network's feature space, minus "
+                "the same for a vanilla reference model (here the marking network), sums it per class, and takes "
+                "the cosine with the class's carrier. Its p-value is the probability that a model which never saw "
+                "the marked images would give cosines this aligned; it is exact under that null, whatever the "
+                "model (docs/concepts.md, gradient test).")
+    else:
+        test = ("The p-value is the probability that a model which never saw the marked images would show cosines "
+                "this aligned with the secret carriers. It is exact under that null hypothesis, whatever the model. "
+                "The decoy column is the rank of the real key among fresh random keys scored against the same "
+                "model (an empirical p-value, bounded below by 1/(decoys+1)).")
+    lines += ["", "What this means: " + test + f" The verdict uses alpha = {s['alpha']:g} on that p-value. "
+              "The black-box p-value compares the model's loss on the marked images with their vanilla versions "
+              "(one-sided Wilcoxon signed-rank).", ""]
     for name, p in plots.items():
         lines += [f"## {name}", "", f"![{name}]({p})", ""]
     lines += ["Detailed, self-contained reports: " + ", ".join(f"[{n}](report-{n}.html)" for n in s["suspects"]) + ".",

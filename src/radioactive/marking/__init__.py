@@ -4,11 +4,11 @@ progress bar and metrics (:mod:`.progress`)."""
 
 from .distributed import Ranks, from_env
 from .folder import MarkSummary, mark_folder
-from .optimise import MarkingConfig, carrier_shifts, image_generator, mark_batch, psnr_db
+from .optimise import MARKING_PRESETS, MarkingConfig, carrier_shifts, image_generator, mark_batch, psnr_db
 from .plan import COPY_CHUNK, RECORD_SCHEMA, Unit, check_output_dir, output_name, plan_units, select_holdout, select_marked
 
 __all__ = [
-    "COPY_CHUNK", "RECORD_SCHEMA", "MarkSummary", "MarkingConfig", "Ranks", "Unit", "carrier_shifts", "check_output_dir", "from_env",
+    "COPY_CHUNK", "MARKING_PRESETS", "RECORD_SCHEMA", "MarkSummary", "MarkingConfig", "Ranks", "Unit", "carrier_shifts", "check_output_dir", "from_env",
     "image_generator", "mark_batch", "mark_folder", "output_name", "plan_units", "psnr_db", "select_holdout",
     "select_marked",
 ]

@@ -89,6 +89,22 @@ class MarkingConfig:
             raise RadioactiveError("lr must be > 0 and the penalty weights >= 0")
 
 
+MARKING_PRESETS: dict[str, MarkingConfig] = {
+    "linear": MarkingConfig(),
+    "from-scratch": MarkingConfig(augmentation="pad_crop", lambda_img=0.7),
+}
+"""The measured marking configurations, by the trainer they are meant for.
+
+* ``linear``: the class defaults. With the ImageNet EfficientNet-Lite0 marking network at 64 px, they are
+  what the linear-probe and fine-tuning studies measured (docs/results.md); about 42 dB.
+* ``from-scratch``: the best found for suspects trained from scratch (docs/from-scratch.md, cells 4-5):
+  the CIFAR trainer's pad-4 crop + flip while marking, and lambda_img 0.7, the pixel weight that gives
+  about 41.4 dB with an in-domain marking network whose features have a norm of about 15 (a ResNet-18
+  trained at 32 px on the owner's vanilla images, ``radioactive train --recipe scratch``). With
+  another marking network, check the PSNR that ``mark`` reports and adjust lambda_img.
+"""
+
+
 def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB between two uint8 images on the 0-255 scale; inf when identical."""
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))

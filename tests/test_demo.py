@@ -1,0 +1,90 @@
+"""The demo's two settings end to end on a tiny real CIFAR-10 slice, and the marking presets on the CLI."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from radioactive.data import sha256_file
+from radioactive.demo import DemoConfig, run_demo
+from radioactive.errors import RadioactiveError
+from radioactive.marking import MARKING_PRESETS, MarkingConfig
+from radioactive.training import TrainConfig
+from test_cli import _one_line_error, run_cli
+
+
+def test_config_fills_the_setting_defaults():
+    scratch, linear = DemoConfig(), DemoConfig(setting="linear")
+    assert scratch.setting == "from-scratch" and scratch.marking == MARKING_PRESETS["from-scratch"]
+    assert scratch.marking.augmentation == "pad_crop" and scratch.training.recipe == "scratch"
+    assert linear.marking == MarkingConfig() and linear.training.recipe == "linear"
+
+
+def test_config_errors():
+    with pytest.raises(RadioactiveError, match="setting must be one of"):
+        DemoConfig(setting="scratch")
+    with pytest.raises(RadioactiveError, match="trains with recipe 'scratch'"):
+        DemoConfig(training=TrainConfig(recipe="linear"))
+
+
+@pytest.mark.slow
+def test_from_scratch_demo_end_to_end(tmp_path):
+    """Marker trained on the vanilla slice, key in its feature space, gradient test with it as reference."""
+    base = DemoConfig()
+    cfg = DemoConfig(train_per_class=10, test_per_class=4, seed=3,
+                     marking=replace(base.marking, steps=3), training=replace(base.training, epochs=1))
+    out = tmp_path / "demo"
+    summary = run_demo(out, cfg, progress=False)
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["setting"] == "from-scratch" and saved["suspects"].keys() == {"marked", "vanilla"}
+    marker = out / "private" / "marking-network.safetensors"
+    network = summary["key"]["network"]
+    assert network["name"] == "trained" and network["weights_sha256"] == sha256_file(marker)
+    assert summary["marking"]["num_marked"] == 10 and summary["psnr_db_mean"] > 35
+    for name in ("marked", "vanilla"):
+        result = json.loads((out / f"detect-{name}.json").read_text())
+        assert result["method"] == "white-box gradient" and len(result["cosines"]) == 10
+        assert result["extra"]["reference"] == [str(marker.resolve())]
+        assert (out / f"report-{name}.html").is_file() and (out / f"cosines-{name}.png").is_file()
+    # a model that never saw the marks is not detected (exact null: fails with probability alpha)
+    assert not summary["suspects"]["vanilla"]["detected"]
+    # the suspects train with another seed than the marking network: they are not the marker
+    assert sha256_file(out / "models" / "vanilla.safetensors") != sha256_file(marker)
+    report = (out / "report.md").read_text()
+    assert "white-box gradient" in report and "from scratch" in report
+
+
+def test_demo_refuses_unknown_setting_and_non_empty_output(tmp_path):
+    assert "invalid choice" in run_cli("demo", "--output-dir", tmp_path / "d", "--setting", "x", check_rc=2).stderr
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    line = _one_line_error(run_cli("demo", "--output-dir", tmp_path / "full", "--train-per-class", 2), 1)
+    assert "not empty" in line and (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def _record_config(record: Path) -> dict:
+    return json.loads(record.read_text().splitlines()[0])["config"]
+
+
+def test_mark_preset_and_explicit_flags(tmp_path):
+    """--preset fills the settings not given; a given flag wins over the preset."""
+    from radioactive.data import cifar10_subset
+
+    train_dir, _ = cifar10_subset(tmp_path / "v", train_per_class=2, test_per_class=1)
+    key = tmp_path / "k.safetensors"
+    run_cli("keygen", "--data", train_dir, "--seed", 5, "--output", key, check_rc=0)
+    got = {}
+    for name, extra in (("scratch", ["--preset", "from-scratch"]), ("override", ["--preset", "from-scratch",
+                                                                                 "--lambda-img", "2"]),
+                        ("default", [])):
+        out = json.loads(run_cli("mark", "--source", train_dir, "--key", key, "--fraction", 0.5, "--steps", 1,
+                                 "--output", tmp_path / name / "train", *extra, check_rc=0).stdout)
+        got[name] = _record_config(Path(out["record"]))
+    assert got["scratch"]["augmentation"] == "pad_crop" and got["scratch"]["lambda_img"] == 0.7
+    assert got["override"]["augmentation"] == "pad_crop" and got["override"]["lambda_img"] == 2.0
+    assert got["default"]["augmentation"] == MarkingConfig.augmentation
+    assert got["default"]["lambda_img"] == MarkingConfig.lambda_img
+    assert all(c["steps"] == 1 for c in got.values())
