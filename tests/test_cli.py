@@ -196,3 +196,13 @@ def test_archive_gives_train_and_test_splits():
     archive = default_data_dir() / CIFAR10_ARCHIVE
     train, test = list_image_folder(_folder_or_archive(archive)), list_image_folder(_folder_or_archive(archive, "test"))
     assert len(train) == 50_000 and len(test) == 10_000 and train.classes == test.classes
+
+
+@pytest.mark.parametrize("method,flags", [("gradient", ["--max-images", "5"]), ("gradient", ["--decoys", "3"]),
+                                          ("decoy-carrier", ["--classes", "cat"]),
+                                          ("white-box", ["--reference", "."]), ("membership", ["--ridge", "1"])])
+def test_detect_refuses_a_flag_its_method_ignores(tmp_path, method, flags):
+    """A flag the chosen method would silently ignore is a usage error naming it, before anything is read."""
+    proc = run_cli("detect", "--method", method, "--suspect", tmp_path, "--key", tmp_path, "--record", tmp_path,
+                   *flags, check_rc=2)
+    assert f"{flags[0]} does not apply to --method {method}" in proc.stderr

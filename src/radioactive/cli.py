@@ -25,6 +25,16 @@ MC, TC, NS = MarkingConfig(), TrainConfig(), MarkingNetworkSpec()
 _PRESET_FIELDS = ("steps", "lr", "linf", "lambda_img", "lambda_ft", "augmentation", "views", "batch_size")
 
 
+_DETECT_COMMON = ("command", "method", "output", "plot", "alpha", "verbose")
+_DETECT_FLAGS = {  # the flags each detection method reads (any other given flag is refused)
+    "white-box": ("suspect", "key", "images", "ridge", "classes", "max_images", "layer", "decoys"),
+    "gradient": ("record", "key", "suspect", "reference", "classes", "source"),
+    "decoy-carrier": ("record", "key", "suspect", "reference", "decoy_carriers", "per_class", "decoy_seed"),
+    "black-box": ("record", "suspect", "outputs", "classes", "mirror"),
+    "membership": ("record", "suspect", "outputs"),
+}
+
+
 def _preset_text(config: MarkingConfig) -> str:
     """A preset's settings as the help text shows them."""
     return ", ".join(f"{k} {getattr(config, k):.4g}" if isinstance(getattr(config, k), float) else
@@ -366,6 +376,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from .keys import Key
         from .report import plot_cosines
 
+        defaults = vars(parser.parse_args(["detect"]))
+        unused = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+                  if k in defaults and v != defaults[k] and k not in _DETECT_FLAGS[args.method] + _DETECT_COMMON]
+        if unused:
+            parser.error(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to --method {args.method}; it takes "
+                         + ", ".join(f"--{k.replace('_', '-')}" for k in _DETECT_FLAGS[args.method]))
         only = [c.strip() for c in args.classes.split(",")] if args.classes else None
         if args.method == "white-box":
             from .detection import detect
