@@ -48,6 +48,7 @@ def test_from_scratch_demo_end_to_end(tmp_path):
         result = json.loads((out / f"detect-{name}.json").read_text())
         assert result["method"] == "white-box gradient" and len(result["cosines"]) == 10
         assert result["extra"]["reference"] == [str(marker.resolve())]
+        assert result["extra"]["reference_sha256"] == [sha256_file(marker)]
         assert (out / f"report-{name}.html").is_file() and (out / f"cosines-{name}.png").is_file()
     # a model that never saw the marks is not detected (exact null: fails with probability alpha)
     assert not summary["suspects"]["vanilla"]["detected"]
@@ -55,6 +56,22 @@ def test_from_scratch_demo_end_to_end(tmp_path):
     assert sha256_file(out / "models" / "vanilla.safetensors") != sha256_file(marker)
     report = (out / "report.md").read_text()
     assert "white-box gradient" in report and "from scratch" in report
+
+
+@pytest.mark.slow
+def test_linear_demo_end_to_end(tmp_path):
+    """The public marking network, a linear suspect, the classic white-box test with decoy keys."""
+    base = DemoConfig(setting="linear")
+    cfg = replace(base, train_per_class=8, test_per_class=4, decoys=5, marking=replace(base.marking, steps=2),
+                  training=replace(base.training, epochs=1))
+    summary = run_demo(tmp_path / "demo", cfg, progress=False)
+    assert summary["setting"] == "linear" and summary["marking_network"] is None
+    assert summary["key"]["network"]["name"] == "efficientnet_lite0" and summary["marking"]["num_marked"] == 10  # one a class
+    for name, row in summary["suspects"].items():
+        assert row["test"] == "white-box" and row["alignment_r2"] is not None
+        assert row["decoy_empirical_log10_pvalue"] <= 0 and (tmp_path / "demo" / f"report-{name}.html").is_file()
+    assert not (tmp_path / "demo" / "private" / "marking-network.safetensors").exists()
+    assert "rank among decoy keys" in (tmp_path / "demo" / "report.md").read_text()
 
 
 def test_demo_refuses_unknown_setting_and_non_empty_output(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from probes import linear_probe  # tests/ is on sys.path (pytest's prepend import mode)
 
+from radioactive.data import sha256_file
 from radioactive.errors import RadioactiveError
 from radioactive.gradient import gradient_detect, pulled_back_gradients
 from radioactive.keys import generate_key
@@ -134,6 +135,7 @@ def test_cli_gradient_with_two_references_and_report(release, key, tmp_path, cap
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["method"] == "white-box gradient" and out["extra"]["reference"] == refs and out["log10_pvalue"] < -10
+    assert out["extra"]["reference_sha256"] == [sha256_file(Path(r)) for r in refs]
     assert (tmp_path / "cos.png").stat().st_size > 1000
     assert main(["report", "--result", str(tmp_path / "res.json"), "--output", str(tmp_path / "r.html")]) == 0
     page = (tmp_path / "r.html").read_text()

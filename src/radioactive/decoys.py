@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from .blackbox import outputs_of, mirror_image, read_record, true_class_loss
-from .data import load_rgb
+from .data import load_rgb, sha256_file
 from .detection import DetectionResult
 from .errors import RadioactiveError
 from .keys import Key, random_carriers
@@ -205,6 +205,7 @@ def decoy_carrier_detect(record: str | Path, key: Key, suspect: str | Path,
         extra={"test": "rank of the real carrier's mean mirror statistic (suspect minus reference) among M decoy "
                        "carriers per class; Fisher's combination over classes",
                "reference": [str(r) for r in references],
+               "reference_sha256": [sha256_file(Path(r)) if Path(r).is_file() else None for r in references],
                "images_per_class": [len(v) for v in marks.vanilla], "decoy_carriers": marks.decoys,
                "decoy_seed": marks.seed, "real_statistic": real.tolist(), "decoy_statistic_mean": dec.mean(1).tolist(),
                "decoy_statistic_std": dec.std(1, ddof=1).tolist() if marks.decoys > 1 else None,

@@ -130,8 +130,8 @@ def gradient_detect(record: str | Path, key: Key, suspect: str | Path,
 
     Returns:
         a :class:`DetectionResult` with method ``white-box gradient``: per-class cosines c_k in [-1, 1],
-        their log10 p_k, and the combined log10 p; ``extra`` holds the record, the references and the
-        images per class.
+        their log10 p_k, and the combined log10 p; ``extra`` holds the record, the references (paths and
+        sha256) and the images per class.
 
     Raises:
         RadioactiveError: bad alpha or batch size; the record has no key fingerprint or another key's; no
@@ -146,8 +146,9 @@ def gradient_detect(record: str | Path, key: Key, suspect: str | Path,
         raise RadioactiveError(f"alpha must be in (0, 1), got {alpha}")
     references = [reference] if isinstance(reference, (str, Path)) else list(reference)
     suspect_sha = sha256_file(Path(suspect)) if Path(suspect).is_file() else None
-    for r in references:
-        if Path(r).resolve() == Path(suspect).resolve() or (Path(r).is_file() and sha256_file(Path(r)) == suspect_sha):
+    reference_sha = [sha256_file(Path(r)) if Path(r).is_file() else None for r in references]
+    for r, r_sha in zip(references, reference_sha):
+        if Path(r).resolve() == Path(suspect).resolve() or (r_sha is not None and r_sha == suspect_sha):
             raise RadioactiveError(f"the reference {r} is the suspect itself: a reference must be a vanilla model "
                                    "trained without the key")
     header, entries = read_record(record, source_root)
@@ -199,6 +200,6 @@ def gradient_detect(record: str | Path, key: Key, suspect: str | Path,
         extra={"test": "cosine of each carrier with the sum over its class's vanilla images of the suspect's "
                        "negative input gradient pulled back through the marking network (minus the references' "
                        "mean); Fisher's combination over classes",
-               "record": str(record), "reference": [str(r) for r in references],
+               "record": str(record), "reference": [str(r) for r in references], "reference_sha256": reference_sha,
                "images_per_class": [sum(index[e.class_name] == k for e in chosen) for k in classes]},
     )
