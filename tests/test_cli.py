@@ -123,7 +123,9 @@ def test_not_a_key(tmp_path, slice_dirs):
 
 def test_help_shows_defaults_and_example():
     proc = run_cli("mark", "--help", check_rc=0)
-    assert "example:" in proc.stdout and "(default: 10)" in proc.stdout
+    assert "example:" in proc.stdout and "(default: the preset's)" in proc.stdout
+    text = " ".join(proc.stdout.split())
+    assert "lambda_img 0.7" in text and "(default: linear)" in text
 
 
 def test_html_report_is_self_contained(tmp_path, slice_dirs):
@@ -198,11 +200,13 @@ def test_archive_gives_train_and_test_splits():
     assert len(train) == 50_000 and len(test) == 10_000 and train.classes == test.classes
 
 
-@pytest.mark.parametrize("method,flags", [("gradient", ["--max-images", "5"]), ("gradient", ["--decoys", "3"]),
-                                          ("decoy-carrier", ["--classes", "cat"]),
-                                          ("white-box", ["--reference", "."]), ("membership", ["--ridge", "1"])])
-def test_detect_refuses_a_flag_its_method_ignores(tmp_path, method, flags):
+@pytest.mark.parametrize("method,flags,other", [
+    ("gradient", ["--max-images", "5"], "--ridge"), ("gradient", ["--decoys", "3"], "--per-class"),
+    ("decoy-carrier", ["--classes", "cat"], "--ridge"), ("black-box", ["--plot", "p.png"], "--per-class"),
+    ("white-box", ["--reference", "."], "--per-class"), ("membership", ["--ridge", "1"], "--per-class")])
+def test_detect_refuses_a_flag_its_method_ignores(tmp_path, method, flags, other):
     """A flag the chosen method would silently ignore is a usage error naming it, before anything is read."""
-    proc = run_cli("detect", "--method", method, "--suspect", tmp_path, "--key", tmp_path, "--record", tmp_path,
-                   *flags, check_rc=2)
+    proc = run_cli("detect", "--method", method, "--suspect", tmp_path, *flags, check_rc=2)
     assert f"{flags[0]} does not apply to --method {method}" in proc.stderr
+    two = run_cli("detect", "--method", method, "--suspect", tmp_path, other, "3", *flags, check_rc=2)
+    assert flags[0] in two.stderr and other in two.stderr and "do not apply" in two.stderr  # several: all named

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,16 +12,22 @@ import pytest
 from radioactive.data import sha256_file
 from radioactive.demo import DemoConfig, run_demo
 from radioactive.errors import RadioactiveError
+from radioactive.gradient import gradient_detect
+from radioactive.keys import Key
 from radioactive.marking import MARKING_PRESETS, MarkingConfig
 from radioactive.training import TrainConfig
 from test_cli import _one_line_error, run_cli
 
 
 def test_config_fills_the_setting_defaults():
-    scratch, linear = DemoConfig(), DemoConfig(setting="linear")
+    scratch, linear = DemoConfig().resolved(), DemoConfig(setting="linear").resolved()
     assert scratch.setting == "from-scratch" and scratch.marking == MARKING_PRESETS["from-scratch"]
     assert scratch.marking.augmentation == "pad_crop" and scratch.training.recipe == "scratch"
     assert linear.marking == MarkingConfig() and linear.training.recipe == "linear"
+    # the setting can be changed on an unresolved configuration: its defaults follow
+    switched = replace(DemoConfig(), setting="linear").resolved()
+    assert switched.training.recipe == "linear" and switched.marking == MARKING_PRESETS["linear"]
+    assert DemoConfig().marking is None  # resolving does not change the original
 
 
 def test_config_errors():
@@ -28,6 +35,8 @@ def test_config_errors():
         DemoConfig(setting="scratch")
     with pytest.raises(RadioactiveError, match="trains with recipe 'scratch'"):
         DemoConfig(training=TrainConfig(recipe="linear"))
+    with pytest.raises(RadioactiveError, match="marks none"):  # refused before any training
+        DemoConfig(train_per_class=2, marked_fraction=0.1)
 
 
 @pytest.mark.slow
@@ -54,6 +63,16 @@ def test_from_scratch_demo_end_to_end(tmp_path):
     assert not summary["suspects"]["vanilla"]["detected"]
     # the suspects train with another seed than the marking network: they are not the marker
     assert sha256_file(out / "models" / "vanilla.safetensors") != sha256_file(marker)
+    assert saved["config"]["marking"]["augmentation"] == "pad_crop"  # the resolved configuration is recorded
+    # the demo folder moved as a whole still tests: the key finds its marking network beside it
+    moved = tmp_path / "moved"
+    shutil.move(out, moved)
+    key = Key.load(moved / "private" / "key.safetensors")
+    assert key.network.path == str((moved / "private" / "marking-network.safetensors").resolve())
+    again = gradient_detect(moved / "private" / "record.jsonl", key, moved / "models" / "marked.safetensors",
+                            [moved / "private" / "marking-network.safetensors"],
+                            source_root=moved / "data" / "vanilla" / "train")
+    assert again.log10_pvalue == pytest.approx(summary["suspects"]["marked"]["log10_pvalue"], abs=1e-6)
     report = (out / "report.md").read_text()
     assert "white-box gradient" in report and "from scratch" in report
 

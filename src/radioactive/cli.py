@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .augment import AUGMENTATIONS
 from .data import OUTPUT_FORMATS, OutputFormat
 from .errors import RadioactiveError
 from .demo import SETTINGS, DemoConfig
@@ -25,10 +26,10 @@ MC, TC, NS = MarkingConfig(), TrainConfig(), MarkingNetworkSpec()
 _PRESET_FIELDS = ("steps", "lr", "linf", "lambda_img", "lambda_ft", "augmentation", "views", "batch_size")
 
 
-_DETECT_COMMON = ("command", "method", "output", "plot", "alpha", "verbose")
+_DETECT_COMMON = ("command", "method", "output", "alpha", "verbose")
 _DETECT_FLAGS = {  # the flags each detection method reads (any other given flag is refused)
-    "white-box": ("suspect", "key", "images", "ridge", "classes", "max_images", "layer", "decoys"),
-    "gradient": ("record", "key", "suspect", "reference", "classes", "source"),
+    "white-box": ("suspect", "key", "images", "ridge", "classes", "max_images", "layer", "decoys", "plot"),
+    "gradient": ("record", "key", "suspect", "reference", "classes", "source", "plot"),
     "decoy-carrier": ("record", "key", "suspect", "reference", "decoy_carriers", "per_class", "decoy_seed"),
     "black-box": ("record", "suspect", "outputs", "classes", "mirror"),
     "membership": ("record", "suspect", "outputs"),
@@ -135,16 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the settings below that are not given come from this measured configuration: "
                         + "; ".join(f"{n}: {_preset_text(c)}" for n, c in MARKING_PRESETS.items())
                         + " (from-scratch expects an in-domain marking network, docs/from-scratch.md)")
-    m.add_argument("--steps", type=_nonneg_int, default=None, help="optimisation steps")
-    m.add_argument("--lr", type=_positive_float, default=None, help="Adam learning rate (pixels in [0, 1])")
-    m.add_argument("--linf", type=_linf, default=None, help="L-infinity radius in 8-bit levels")
-    m.add_argument("--lambda-img", type=_nonneg_float, default=None, help="weight of the pixel L2 penalty")
-    m.add_argument("--lambda-ft", type=_nonneg_float, default=None,
-                   help="weight of the feature drift orthogonal to the carrier")
-    m.add_argument("--augmentation", choices=("resized_crop", "pad_crop"), default=None,
-                   help="augmentation while marking: random resized crop + flip, or the CIFAR trainer's pad-4 crop + flip")
-    m.add_argument("--views", type=_positive_int, default=None, help="augmented views averaged per marking step")
-    m.add_argument("--batch-size", type=_positive_int, default=None, help="images optimised together")
+    for flag, kind, text in (  # not given: the preset's value (argparse.SUPPRESS leaves the attribute unset)
+            ("--steps", _nonneg_int, "optimisation steps"),
+            ("--lr", _positive_float, "Adam learning rate (pixels in [0, 1])"),
+            ("--linf", _linf, "L-infinity radius in 8-bit levels"),
+            ("--lambda-img", _nonneg_float, "weight of the pixel L2 penalty"),
+            ("--lambda-ft", _nonneg_float, "weight of the feature drift orthogonal to the carrier"),
+            ("--augmentation", None, "augmentation while marking: random resized crop + flip, or the CIFAR "
+                                     "trainer's pad-4 crop + flip"),
+            ("--views", _positive_int, "augmented views averaged per marking step"),
+            ("--batch-size", _positive_int, "images optimised together")):
+        m.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=text + " (default: the preset's)",
+                       **({"choices": tuple(AUGMENTATIONS)} if flag == "--augmentation" else {}))
     g = m.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted run into a non-empty output folder: same arguments required; "
@@ -310,7 +313,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from .marking import mark_folder
         from .marking.distributed import from_env, shutdown
 
-        given = {k: getattr(args, k) for k in _PRESET_FIELDS if getattr(args, k) is not None}
+        given = {k: getattr(args, k) for k in _PRESET_FIELDS if hasattr(args, k)}  # flags the user gave
         cfg = dataclasses.replace(MARKING_PRESETS[args.preset], threads=args.threads, **given)
         if args.output_format != "png" and not args.allow_lossy:
             parser.error(f"--output-format {args.output_format} is lossy and weakens the mark; add --allow-lossy to "
@@ -410,12 +413,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
             if args.record is None or (args.suspect is None) == (args.outputs is None):
                 parser.error(f"{args.method} detection needs --record and one of --suspect or --outputs")
+            if args.mirror is not None and args.outputs is None:
+                parser.error("--mirror goes with --outputs (the suspect's outputs on the mirror images)")
             if args.method == "membership":
                 result = membership_detect(args.record, args.suspect, args.outputs, alpha=args.alpha)
             else:
                 result = blackbox_detect(args.record, args.suspect, args.outputs, alpha=args.alpha, only_classes=only,
                                          mirror_root=args.mirror)
-        if args.plot and result.cosines:
+        if args.plot:
             plot_cosines(result, args.plot)
         if args.output:
             result.save(args.output)
@@ -451,7 +456,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     elif args.command == "demo":
         from .demo import run_demo
 
-        base = DemoConfig(setting=args.setting)
+        base = DemoConfig(setting=args.setting).resolved()
         cfg = DemoConfig(setting=args.setting, train_per_class=args.train_per_class, test_per_class=args.test_per_class,
                          marked_fraction=args.fraction, seed=args.seed,
                          marking=dataclasses.replace(base.marking, steps=args.steps),

@@ -56,13 +56,14 @@ class DemoConfig:
         test_per_class: CIFAR-10 test images per class (of 1,000); used for
             accuracy (and, for ``linear``, to fit the alignment).
         marked_fraction: q, share of the training images marked, in (0, 1].
-        seed: seeds the key, the selection and marking; the marking network trains with this seed, the
-            suspects with ``seed + 1``.
+        seed: seeds the key, the selection and marking, and every training (``training.seed`` is not
+            used): ``from-scratch`` trains the marking network with ``seed`` and both suspects with
+            ``seed + 1``; ``linear`` trains both suspects with ``seed``.
         alpha: significance level of the verdicts.
         decoys: ``linear`` only: fresh random keys scored against each suspect (empirical p-value).
         marking: marking settings; None: the setting's preset in ``MARKING_PRESETS``.
         training: the trainer's recipe (also the marking network's for ``from-scratch``); None: the
-            setting's measured recipe.
+            setting's measured recipe. :meth:`resolved` fills both.
 
     Raises:
         RadioactiveError: unknown setting, or a training recipe that does not match the setting.
@@ -81,14 +82,20 @@ class DemoConfig:
     def __post_init__(self):
         if self.setting not in SETTINGS:
             raise RadioactiveError(f"setting must be one of {', '.join(SETTINGS)}, got {self.setting!r}")
-        if self.marking is None:
-            object.__setattr__(self, "marking", MARKING_PRESETS[self.setting])
-        if self.training is None:
-            object.__setattr__(self, "training", _TRAINERS[self.setting])
-        expected = "scratch" if self.setting == "from-scratch" else "linear"
-        if self.training.recipe != expected:
+        expected = _TRAINERS[self.setting].recipe
+        if self.training is not None and self.training.recipe != expected:
             raise RadioactiveError(f"the {self.setting} setting trains with recipe {expected!r}, "
                                    f"got {self.training.recipe!r}")
+        if self.train_per_class < 1 or self.test_per_class < 1 or not 0 < self.marked_fraction <= 1:
+            raise RadioactiveError("train_per_class and test_per_class must be >= 1 and marked_fraction in (0, 1]")
+        if round(self.marked_fraction * self.train_per_class) < 1:
+            raise RadioactiveError(f"a marked fraction of {self.marked_fraction} of {self.train_per_class} images a "
+                                   "class marks none: raise one of them")
+
+    def resolved(self) -> DemoConfig:
+        """This configuration with ``marking`` and ``training`` filled from the setting when None."""
+        return replace(self, marking=self.marking or MARKING_PRESETS[self.setting],
+                       training=self.training or _TRAINERS[self.setting])
 
 
 def run_demo(output_dir: str | Path, config: DemoConfig = DemoConfig(), archive: str | Path | None = None,
@@ -107,6 +114,7 @@ def run_demo(output_dir: str | Path, config: DemoConfig = DemoConfig(), archive:
         RadioactiveError: data not found, output folder not empty.
     """
     t0 = time.time()
+    config = config.resolved()
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):
         raise RadioactiveError(f"output folder {out} exists and is not empty; choose a new one")
@@ -120,7 +128,7 @@ def run_demo(output_dir: str | Path, config: DemoConfig = DemoConfig(), archive:
         network = MarkingNetworkSpec("trained", 32, path=str(Path(marker.weights).resolve()))
         trainer = replace(config.training, seed=config.seed + 1)
     else:
-        network, trainer = config.training.backbone, config.training
+        network, trainer = config.training.backbone, replace(config.training, seed=config.seed)
     key = generate_key(classes, network, seed=config.seed)
     key_path = key.save(out / "private" / "key.safetensors")
     released = out / "data" / "released" / "train"

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +88,10 @@ class Key:
     def load(cls, path: str | Path) -> Key:
         """Read a key written by :meth:`save`.
 
+        A ``trained`` marking network whose recorded path no longer exists is looked for in the key's own
+        folder under the same file name (a folder moved with its key and network still works); its sha256
+        is checked against the key's when it is loaded.
+
         Raises:
             RadioactiveError: missing file, not a key, unknown schema, or
                 carriers whose fingerprint differs from the recorded one.
@@ -113,6 +117,10 @@ class Key:
             raise RadioactiveError(f"{path}: malformed key metadata ({e!r})") from e
         if key.fingerprint != recorded:
             raise RadioactiveError(f"{path}: carriers do not match the recorded fingerprint (file damaged?)")
+        net = key.network
+        if net.path and not Path(net.path).is_file() and (path.parent / Path(net.path).name).is_file():
+            # a trained marking network moved with its key (same folder); its sha256 is checked when it is loaded
+            key = replace(key, network=replace(net, path=str((path.parent / Path(net.path).name).resolve())))
         return key
 
 

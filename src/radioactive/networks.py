@@ -230,7 +230,8 @@ def _load_trained_marking_network(spec: MarkingNetworkSpec) -> tuple[FeatureNetw
         raise RadioactiveError("a 'trained' marking network needs the path of its weights")
     path = Path(spec.path)
     if not path.is_file():
-        raise RadioactiveError(f"marking network weights not found: {path}")
+        raise RadioactiveError(f"marking network weights not found: {path} (a moved key finds them in its own "
+                               "folder, under the same file name)")
     digest = sha256_file(path)
     if spec.weights_sha256 is not None and spec.weights_sha256 != digest:
         raise RadioactiveError(f"marking network weights {path} differ from the key's "

@@ -158,7 +158,8 @@ class Journal:
             if diffs:
                 raise RadioactiveError(
                     f"cannot resume: the interrupted run ({self.path}) used other arguments or inputs "
-                    f"({', '.join(diffs)}); re-run it with its own arguments, or pass --overwrite to start afresh"
+                    f"({', '.join(diffs)}); re-run it with its own arguments (the same --preset and flags), or pass "
+                    "--overwrite to start afresh"
                 )
             while True:
                 pos, ln = f.tell(), f.readline()
