@@ -288,6 +288,14 @@ def test_mark_folder_refuses_non_empty_output(uneven_source, key, tmp_path):
     assert summary.num_marked == 1 and load_rgb(out / "airplane" / "0003.png").shape == (32, 32, 3)
 
 
+def test_mark_folder_refuses_to_mark_nothing(uneven_source, key, tmp_path):
+    """A fraction that rounds to no image in any class, or an empty list, is refused before anything is written."""
+    for kwargs, reason in (({"fraction": 0.01}, "rounds to 0 images"), ({"files": []}, "list of files is empty")):
+        with pytest.raises(RadioactiveError, match=reason):
+            mark_folder(uneven_source, key, tmp_path / "copy", config=FAST, progress=False, **kwargs)
+        assert not (tmp_path / "copy").exists()
+
+
 def test_mark_folder_refuses_key_with_other_classes(uneven_source, key, tmp_path):
     shuffled = Key(key.carriers, tuple(reversed(key.classes)), key.network)
     renamed = Key(key.carriers, key.classes[:-1] + ("zebra",), key.network)

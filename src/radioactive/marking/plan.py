@@ -190,6 +190,9 @@ def plan_run(source: Path, key: Key, output: Path, record: Path | None, fraction
         chosen = sorted({index[f] for f in files})
     else:
         chosen = select_marked(folder, fraction, seed)
+    if not chosen:
+        raise RadioactiveError("no image would be marked: " + ("the list of files is empty" if files is not None else
+                               f"a fraction {fraction} of each class rounds to 0 images; raise --fraction"))
     holdout = select_holdout(folder, holdout_fraction, seed, set(chosen)) if holdout_fraction else []
     withheld = (select_withheld(folder, withhold_fraction, seed, set(chosen) | set(holdout))
                 if withhold_fraction else [])
