@@ -41,46 +41,48 @@ def test_config_errors():
 
 @pytest.mark.slow
 def test_from_scratch_demo_end_to_end(tmp_path):
-    """Marker trained on the vanilla slice, key in its feature space, gradient test with it as reference."""
-    base = DemoConfig()
+    """Marker and reference trained on the vanilla slice, key in the marker's feature space, gradient test."""
+    base = DemoConfig().resolved()
     cfg = DemoConfig(train_per_class=10, test_per_class=4, seed=3,
                      marking=replace(base.marking, steps=3), training=replace(base.training, epochs=1))
     out = tmp_path / "demo"
     summary = run_demo(out, cfg, progress=False)
     saved = json.loads((out / "summary.json").read_text())
     assert saved["setting"] == "from-scratch" and saved["suspects"].keys() == {"marked", "vanilla"}
-    marker = out / "private" / "marking-network.safetensors"
+    marker, reference = out / "private" / "marking-network.safetensors", out / "private" / "reference.safetensors"
     network = summary["key"]["network"]
     assert network["name"] == "trained" and network["weights_sha256"] == sha256_file(marker)
     assert summary["marking"]["num_marked"] == 10 and summary["psnr_db_mean"] > 35
     for name in ("marked", "vanilla"):
         result = json.loads((out / f"detect-{name}.json").read_text())
         assert result["method"] == "white-box gradient" and len(result["cosines"]) == 10
-        assert result["extra"]["reference"] == [str(marker.resolve())]
-        assert result["extra"]["reference_sha256"] == [sha256_file(marker)]
+        assert result["extra"]["reference"] == [str(reference)]
+        assert result["extra"]["reference_sha256"] == [sha256_file(reference)]
         assert (out / f"report-{name}.html").is_file() and (out / f"cosines-{name}.png").is_file()
     # a model that never saw the marks is not detected (exact null: fails with probability alpha)
     assert not summary["suspects"]["vanilla"]["detected"]
     # the suspects train with another seed than the marking network: they are not the marker
-    assert sha256_file(out / "models" / "vanilla.safetensors") != sha256_file(marker)
+    models = [marker, reference, out / "models" / "vanilla.safetensors", out / "models" / "marked.safetensors"]
+    assert len({sha256_file(m) for m in models}) == 4
+    assert summary["reference"]["path"] == "private/reference.safetensors"
     assert saved["config"]["marking"]["augmentation"] == "pad_crop"  # the resolved configuration is recorded
+    report = (out / "report.md").read_text()
+    assert "white-box gradient" in report and "from scratch" in report and "second vanilla ResNet-18" in report
     # the demo folder moved as a whole still tests: the key finds its marking network beside it
     moved = tmp_path / "moved"
     shutil.move(out, moved)
     key = Key.load(moved / "private" / "key.safetensors")
     assert key.network.path == str((moved / "private" / "marking-network.safetensors").resolve())
     again = gradient_detect(moved / "private" / "record.jsonl", key, moved / "models" / "marked.safetensors",
-                            [moved / "private" / "marking-network.safetensors"],
+                            [moved / "private" / "reference.safetensors"],
                             source_root=moved / "data" / "vanilla" / "train")
     assert again.log10_pvalue == pytest.approx(summary["suspects"]["marked"]["log10_pvalue"], abs=1e-6)
-    report = (out / "report.md").read_text()
-    assert "white-box gradient" in report and "from scratch" in report
 
 
 @pytest.mark.slow
 def test_linear_demo_end_to_end(tmp_path):
     """The public marking network, a linear suspect, the classic white-box test with decoy keys."""
-    base = DemoConfig(setting="linear")
+    base = DemoConfig(setting="linear").resolved()
     cfg = replace(base, train_per_class=8, test_per_class=4, decoys=5, marking=replace(base.marking, steps=2),
                   training=replace(base.training, epochs=1))
     summary = run_demo(tmp_path / "demo", cfg, progress=False)
@@ -97,7 +99,7 @@ def test_demo_refuses_unknown_setting_and_non_empty_output(tmp_path):
     assert "invalid choice" in run_cli("demo", "--output-dir", tmp_path / "d", "--setting", "x", check_rc=2).stderr
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    line = _one_line_error(run_cli("demo", "--output-dir", tmp_path / "full", "--train-per-class", 2), 1)
+    line = _one_line_error(run_cli("demo", "--output-dir", tmp_path / "full", "--train-per-class", 10), 1)
     assert "not empty" in line and (tmp_path / "full" / "keep.txt").read_text() == "mine"
 
 

@@ -103,7 +103,8 @@ def markdown_report(summary: dict, plots: dict[str, str]) -> str:
         m = s["marking_network"]
         lines += ["", "Setting: the trainer trains a ResNet-18 from scratch. The marking network is the owner's own "
                   f"ResNet-18, trained on the vanilla images ({100 * m['accuracy']:.2f} % test accuracy); the key "
-                  "lives in its feature space and the marks follow the trainer's pad-crop + flip."]
+                  "lives in its feature space and the marks follow the trainer's pad-crop + flip. The reference is "
+                  f"a second vanilla ResNet-18 trained with another seed ({100 * s['reference']['accuracy']:.2f} %)."]
     lines += [
         "",
         "| suspect | trained on | test accuracy | test | log10 p | rank among decoy keys (log10) | log10 p (black-box) | verdict |",
@@ -118,7 +119,7 @@ def markdown_report(summary: dict, plots: dict[str, str]) -> str:
     if scratch:
         test = ("The gradient test (white-box, needs the suspect's weights) takes, for each marked image's vanilla "
                 "original, the suspect's loss gradient pulled back into the marking network's feature space, minus "
-                "the same for a vanilla reference model (here the marking network), sums it per class, and takes "
+                "the same for a vanilla reference model the owner trained, sums it per class, and takes "
                 "the cosine with the class's carrier. Its p-value is the probability that a model which never saw "
                 "the marked images would give cosines this aligned; it is exact under that null, whatever the "
                 "model (docs/concepts.md, gradient test).")
