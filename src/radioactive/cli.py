@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", type=Path, required=True, help="HTML file to write")
 
     e = _sub(subs, "demo", "the whole story on CIFAR-10: keygen, mark, train a suspect and a control, detect, report",
-             "radioactive demo --output-dir demo-output  # from scratch, ~45 min on 2 CPU cores\n"
+             "radioactive demo --output-dir demo-output  # from scratch, ~35 min on 2 CPU cores\n"
              "  radioactive demo --setting linear --output-dir demo-linear  # linear probe, ~7 min")
     e.add_argument("--setting", choices=SETTINGS, default=DemoConfig.setting,
                    help="from-scratch: the trainer trains a ResNet-18 from scratch; the owner trains an in-domain "

@@ -47,7 +47,7 @@ _TRAINERS = {
 class DemoConfig:
     """Settings of ``radioactive demo``.
 
-    On 2 CPU cores the ``from-scratch`` setting takes about 45 minutes (four ResNet-18 trainings on
+    On 2 CPU cores the ``from-scratch`` setting takes about 35 minutes (four ResNet-18 trainings on
     10,000 images), the ``linear`` setting about 7.
 
     Attributes:
