@@ -35,6 +35,8 @@ def test_config_errors():
         DemoConfig(setting="scratch")
     with pytest.raises(RadioactiveError, match="trains with recipe 'scratch'"):
         DemoConfig(training=TrainConfig(recipe="linear"))
+    with pytest.raises(RadioactiveError, match="references must be"):
+        DemoConfig(references=0)
     with pytest.raises(RadioactiveError, match="marks none"):  # refused before any training
         DemoConfig(train_per_class=2, marked_fraction=0.1)
 
@@ -43,38 +45,39 @@ def test_config_errors():
 def test_from_scratch_demo_end_to_end(tmp_path):
     """Marker and reference trained on the vanilla slice, key in the marker's feature space, gradient test."""
     base = DemoConfig().resolved()
-    cfg = DemoConfig(train_per_class=10, test_per_class=4, seed=3,
+    cfg = DemoConfig(train_per_class=10, test_per_class=4, seed=3, references=2,
                      marking=replace(base.marking, steps=3), training=replace(base.training, epochs=1))
     out = tmp_path / "demo"
     summary = run_demo(out, cfg, progress=False)
     saved = json.loads((out / "summary.json").read_text())
     assert saved["setting"] == "from-scratch" and saved["suspects"].keys() == {"marked", "vanilla"}
-    marker, reference = out / "private" / "marking-network.safetensors", out / "private" / "reference.safetensors"
+    marker = out / "private" / "marking-network.safetensors"
+    references = [out / "private" / "reference.safetensors", out / "private" / "reference2.safetensors"]
     network = summary["key"]["network"]
     assert network["name"] == "trained" and network["weights_sha256"] == sha256_file(marker)
     assert summary["marking"]["num_marked"] == 10 and summary["psnr_db_mean"] > 35
     for name in ("marked", "vanilla"):
         result = json.loads((out / f"detect-{name}.json").read_text())
         assert result["method"] == "white-box gradient" and len(result["cosines"]) == 10
-        assert result["extra"]["reference"] == [str(reference)]
-        assert result["extra"]["reference_sha256"] == [sha256_file(reference)]
+        assert result["extra"]["reference"] == [str(r) for r in references]
+        assert result["extra"]["reference_sha256"] == [sha256_file(r) for r in references]
         assert (out / f"report-{name}.html").is_file() and (out / f"cosines-{name}.png").is_file()
     # a model that never saw the marks is not detected (exact null: fails with probability alpha)
     assert not summary["suspects"]["vanilla"]["detected"]
     # the suspects train with another seed than the marking network: they are not the marker
-    models = [marker, reference, out / "models" / "vanilla.safetensors", out / "models" / "marked.safetensors"]
-    assert len({sha256_file(m) for m in models}) == 4
-    assert summary["reference"]["path"] == "private/reference.safetensors"
+    models = [marker, *references, out / "models" / "vanilla.safetensors", out / "models" / "marked.safetensors"]
+    assert len({sha256_file(m) for m in models}) == 5
+    assert [r["path"] for r in summary["references"]] == ["private/reference.safetensors", "private/reference2.safetensors"]
     assert saved["config"]["marking"]["augmentation"] == "pad_crop"  # the resolved configuration is recorded
     report = (out / "report.md").read_text()
-    assert "white-box gradient" in report and "from scratch" in report and "second vanilla ResNet-18" in report
+    assert "white-box gradient" in report and "from scratch" in report and "2 more vanilla ResNet-18" in report
     # the demo folder moved as a whole still tests: the key finds its marking network beside it
     moved = tmp_path / "moved"
     shutil.move(out, moved)
     key = Key.load(moved / "private" / "key.safetensors")
     assert key.network.path == str((moved / "private" / "marking-network.safetensors").resolve())
     again = gradient_detect(moved / "private" / "record.jsonl", key, moved / "models" / "marked.safetensors",
-                            [moved / "private" / "reference.safetensors"],
+                            [moved / "private" / "reference.safetensors", moved / "private" / "reference2.safetensors"],
                             source_root=moved / "data" / "vanilla" / "train")
     assert again.log10_pvalue == pytest.approx(summary["suspects"]["marked"]["log10_pvalue"], abs=1e-6)
 

@@ -278,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=_nonneg_int, default=0, help="seed of everything")
     e.add_argument("--steps", type=_nonneg_int, default=MC.steps, help="marking steps")
     e.add_argument("--epochs", type=_positive_int, default=30, help="training epochs (each model the demo trains)")
+    e.add_argument("--references", type=_positive_int, default=DemoConfig.references,
+                   help="from-scratch: vanilla reference models for the gradient test (each is one more training)")
     return p
 
 
@@ -459,7 +461,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         base = DemoConfig(setting=args.setting).resolved()
         cfg = DemoConfig(setting=args.setting, train_per_class=args.train_per_class, test_per_class=args.test_per_class,
-                         marked_fraction=args.fraction, seed=args.seed,
+                         marked_fraction=args.fraction, seed=args.seed, references=args.references,
                          marking=dataclasses.replace(base.marking, steps=args.steps),
                          training=dataclasses.replace(base.training, epochs=args.epochs, seed=args.seed))
         summary = run_demo(args.output_dir, cfg, archive=args.data, progress=sys.stderr.isatty())

@@ -5,7 +5,7 @@ Two settings, each with its measured best configuration:
 * ``from-scratch`` (default): the trainer trains a ResNet-18 from random initialisation, the setting of most
   real suspects (docs/from-scratch.md). The owner first trains an in-domain marking network on the vanilla
   images, draws the key in its feature space, marks with the ``from-scratch`` preset (the trainer's pad-crop
-  + flip while marking), trains a second vanilla model as the reference, and tests each suspect with the
+  + flip while marking), trains one or more vanilla models as references, and tests each suspect with the
   gradient test (white-box, exact p-value) and with the paired black-box loss test.
 * ``linear``: the trainer fits a linear classifier on the frozen features of the public marking network
   (EfficientNet-Lite0); the classic white-box test (alignment, cosines, decoy keys) and the paired
@@ -58,7 +58,10 @@ class DemoConfig:
         marked_fraction: q, share of the training images marked, in (0, 1].
         seed: seeds the key, the selection and marking, and every training (``training.seed`` is not
             used): ``from-scratch`` trains the marking network with ``seed``, both suspects with
-            ``seed + 1`` and the reference with ``seed + 2``; ``linear`` trains both suspects with ``seed``.
+            ``seed + 1`` and the references with ``seed + 2``, ``seed + 3``, ...; ``linear`` trains both suspects
+            with ``seed``.
+        references: ``from-scratch`` only: vanilla reference models of the gradient test (>= 1; each is one more
+            training; 1, 2 and 3 read -4.00 / -4.84 / -5.65 on seed 0, docs/from-scratch.md "The demo").
         alpha: significance level of the verdicts.
         decoys: ``linear`` only: fresh random keys scored against each suspect (empirical p-value).
         marking: marking settings; None: the setting's preset in ``MARKING_PRESETS``.
@@ -76,6 +79,7 @@ class DemoConfig:
     seed: int = 0
     alpha: float = 1e-3
     decoys: int = 200
+    references: int = 1
     marking: MarkingConfig | None = None
     training: TrainConfig | None = None
 
@@ -86,6 +90,8 @@ class DemoConfig:
         if self.training is not None and self.training.recipe != expected:
             raise RadioactiveError(f"the {self.setting} setting trains with recipe {expected!r}, "
                                    f"got {self.training.recipe!r}")
+        if self.references < 1:
+            raise RadioactiveError(f"references must be >= 1, got {self.references}")
         if self.train_per_class < 1 or self.test_per_class < 1 or not 0 < self.marked_fraction <= 1:
             raise RadioactiveError("train_per_class and test_per_class must be >= 1 and marked_fraction in (0, 1]")
         if round(self.marked_fraction * self.train_per_class) < 1:
@@ -104,7 +110,7 @@ def run_demo(output_dir: str | Path, config: DemoConfig = DemoConfig(), archive:
 
     Layout of ``output_dir``: ``data/vanilla/{train,test}`` (the CIFAR-10
     slice), ``data/released/train`` (the released copy), ``private/`` (key, record and, for
-    ``from-scratch``, the marking network and the reference: secret), ``models/`` (suspects), ``detect-*.json``,
+    ``from-scratch``, the marking network and the references: secret), ``models/`` (suspects), ``detect-*.json``,
     ``cosines-*.png``, ``report-*.html`` (self-contained), ``summary.json``, ``report.md``.
 
     Returns:
@@ -121,7 +127,7 @@ def run_demo(output_dir: str | Path, config: DemoConfig = DemoConfig(), archive:
     train_dir, test_dir = cifar10_subset(out / "data" / "vanilla", config.train_per_class, config.test_per_class,
                                          archive)
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
-    marker = reference = None
+    marker, references = None, []
     if config.setting == "from-scratch":  # the owner's in-domain marking network, trained on the vanilla images
         marker = train(train_dir, test_dir, out / "private" / "marking-network.safetensors",
                        replace(config.training, seed=config.seed), progress=progress)
@@ -131,8 +137,9 @@ def run_demo(output_dir: str | Path, config: DemoConfig = DemoConfig(), archive:
         # marking network would be a valid reference too, but a weak one: its own loss gradient, pulled back
         # through its own features, is several times larger than a suspect's and swamps the per-class sums
         # (docs/from-scratch.md, "The demo").
-        reference = train(train_dir, test_dir, out / "private" / "reference.safetensors",
-                          replace(config.training, seed=config.seed + 2), progress=progress)
+        references = [train(train_dir, test_dir, out / "private" / f"reference{'' if i == 0 else i + 1}.safetensors",
+                            replace(config.training, seed=config.seed + 2 + i), progress=progress)
+                      for i in range(config.references)]
     else:
         network, trainer = config.training.backbone, replace(config.training, seed=config.seed)
     key = generate_key(classes, network, seed=config.seed)
@@ -145,8 +152,8 @@ def run_demo(output_dir: str | Path, config: DemoConfig = DemoConfig(), archive:
     plots = {}
     for name, data in (("marked", released), ("vanilla", train_dir)):
         trained = train(data, test_dir, out / "models" / f"{name}.safetensors", trainer, progress=progress)
-        if reference is not None:
-            result = gradient_detect(mark.record, key, trained.weights, reference=[reference.weights],
+        if references:
+            result = gradient_detect(mark.record, key, trained.weights, reference=[r.weights for r in references],
                                      alpha=config.alpha)
         else:
             result = detect(trained.weights, key, test_dir, alpha=config.alpha, decoys=config.decoys,
@@ -168,7 +175,7 @@ def run_demo(output_dir: str | Path, config: DemoConfig = DemoConfig(), archive:
         "key": {"path": str(key_path.relative_to(out)), "fingerprint": key.fingerprint,
                 "network": key.network.to_dict()},
         "marking_network": None if marker is None else _model_row(marker, out),
-        "reference": None if reference is None else _model_row(reference, out),
+        "references": [_model_row(r, out) for r in references],
         "marking": mark.to_dict(),
         "suspects": suspects,
         "config": asdict(config),

@@ -103,8 +103,9 @@ def markdown_report(summary: dict, plots: dict[str, str]) -> str:
         m = s["marking_network"]
         lines += ["", "Setting: the trainer trains a ResNet-18 from scratch. The marking network is the owner's own "
                   f"ResNet-18, trained on the vanilla images ({100 * m['accuracy']:.2f} % test accuracy); the key "
-                  "lives in its feature space and the marks follow the trainer's pad-crop + flip. The reference is "
-                  f"a second vanilla ResNet-18 trained with another seed ({100 * s['reference']['accuracy']:.2f} %)."]
+                  "lives in its feature space and the marks follow the trainer's pad-crop + flip. The gradient "
+                  f"test's references: {len(s['references'])} more vanilla ResNet-18, trained with other seeds ("
+                  + ", ".join(f"{100 * r['accuracy']:.2f} %" for r in s["references"]) + ")."]
     lines += [
         "",
         "| suspect | trained on | test accuracy | test | log10 p | rank among decoy keys (log10) | log10 p (black-box) | verdict |",
