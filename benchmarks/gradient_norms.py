@@ -45,7 +45,8 @@ def main(argv=None) -> int:
         norms = h.norm(dim=1)
         cos = torch.nn.functional.cosine_similarity(h, key.carriers[y].double(), dim=1)
         print(json.dumps({"model": str(path), "images": len(chosen), "mean_norm": round(norms.mean().item(), 3),
-                          "median_norm": round(norms.median().item(), 3), "mean_cos_with_carrier": round(cos.mean().item(), 4)}))
+                          "median_norm": round(norms.median().item(), 3),
+                          "mean_cos_with_carrier": round(cos.mean().item(), 4)}))
     return 0
 
 

@@ -90,7 +90,8 @@ def test_linear_demo_end_to_end(tmp_path):
                   training=replace(base.training, epochs=1))
     summary = run_demo(tmp_path / "demo", cfg, progress=False)
     assert summary["setting"] == "linear" and summary["marking_network"] is None
-    assert summary["key"]["network"]["name"] == "efficientnet_lite0" and summary["marking"]["num_marked"] == 10  # one a class
+    assert summary["key"]["network"]["name"] == "efficientnet_lite0"
+    assert summary["marking"]["num_marked"] == 10  # one a class
     for name, row in summary["suspects"].items():
         assert row["test"] == "white-box" and row["alignment_r2"] is not None
         assert row["decoy_empirical_log10_pvalue"] <= 0 and (tmp_path / "demo" / f"report-{name}.html").is_file()

@@ -386,7 +386,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         unused = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
                   if k in defaults and v != defaults[k] and k not in _DETECT_FLAGS[args.method] + _DETECT_COMMON]
         if unused:
-            parser.error(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to --method {args.method}; it takes "
+            verb = "does" if len(unused) == 1 else "do"
+            parser.error(f"{', '.join(unused)} {verb} not apply to --method {args.method}; it takes "
                          + ", ".join(f"--{k.replace('_', '-')}" for k in _DETECT_FLAGS[args.method]))
         only = [c.strip() for c in args.classes.split(",")] if args.classes else None
         if args.method == "white-box":

@@ -108,7 +108,8 @@ def markdown_report(summary: dict, plots: dict[str, str]) -> str:
                   + ", ".join(f"{100 * r['accuracy']:.2f} %" for r in s["references"]) + ")."]
     lines += [
         "",
-        "| suspect | trained on | test accuracy | test | log10 p | rank among decoy keys (log10) | log10 p (black-box) | verdict |",
+        "| suspect | trained on | test accuracy | test | log10 p | rank among decoy keys (log10) | log10 p (black-box) "
+        "| verdict |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in s["suspects"].items():

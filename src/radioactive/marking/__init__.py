@@ -8,7 +8,8 @@ from .optimise import MARKING_PRESETS, MarkingConfig, carrier_shifts, image_gene
 from .plan import COPY_CHUNK, RECORD_SCHEMA, Unit, check_output_dir, output_name, plan_units, select_holdout, select_marked
 
 __all__ = [
-    "COPY_CHUNK", "MARKING_PRESETS", "RECORD_SCHEMA", "MarkSummary", "MarkingConfig", "Ranks", "Unit", "carrier_shifts", "check_output_dir", "from_env",
+    "COPY_CHUNK", "MARKING_PRESETS", "RECORD_SCHEMA", "MarkSummary", "MarkingConfig", "Ranks", "Unit", "carrier_shifts",
+    "check_output_dir", "from_env",
     "image_generator", "mark_batch", "mark_folder", "output_name", "plan_units", "psnr_db", "select_holdout",
     "select_marked",
 ]
