@@ -25,11 +25,12 @@ from reproduce import append  # benchmarks/ is on sys.path when a script here ru
 from radioactive.data import sha256_file
 from radioactive.gradient import gradient_detect
 from radioactive.keys import Key
+from radioactive.networks import sidecar_path
 
 
 def training_seed(weights: Path) -> int:
     """The training seed recorded in a model's sidecar (written by `radioactive train`)."""
-    return json.loads(weights.with_suffix(".json").read_text())["recipe"]["seed"]
+    return json.loads(sidecar_path(weights).read_text())["recipe"]["seed"]
 
 
 def main(argv=None) -> int:
