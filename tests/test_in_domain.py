@@ -4,6 +4,7 @@ augmentation while marking, and several augmented views per step (issue: from-sc
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from radioactive.augment import PadCropFlip
 from radioactive.cli import main
 from radioactive.errors import RadioactiveError
 from radioactive.keys import Key, generate_key
-from radioactive.marking import MarkingConfig, image_generator, mark_batch, mark_folder
+from radioactive.marking import MarkingConfig, calibrate_lambda_img, image_generator, mark_batch, mark_folder
 from radioactive.networks import MarkingNetworkSpec, load_marking_network
 from radioactive.training import TrainConfig, train
 
@@ -114,3 +115,50 @@ def test_mark_folder_with_trained_network(trained_marker, classes, cifar_small, 
     header = json.loads((tmp_path / "out.record.jsonl").read_text().splitlines()[0])
     assert header["config"]["augmentation"] == "pad_crop" and header["key_fingerprint"] == key.fingerprint
     assert np.isfinite(s.psnr_db_mean)
+
+
+def _calibration_key(trained_marker, classes):
+    return generate_key(classes, MarkingNetworkSpec("trained", 32, path=str(trained_marker)), seed=3)
+
+
+def test_calibrated_lambda_img_gives_the_target_psnr_and_the_run_the_pilot_s_marks(trained_marker, classes,
+                                                                                   cifar_small, tmp_path):
+    key = _calibration_key(trained_marker, classes)
+    config = MarkingConfig(steps=10, lr=2 / 255, lambda_img=0.7, augmentation="pad_crop")
+    cal = calibrate_lambda_img(cifar_small[0], key, 40.0, fraction=0.25, seed=0, config=config, pilot_images=100)
+    assert cal.reached and cal.pilot_images == 30  # 3 images a class: the pilot is the whole run
+    assert 40.0 <= cal.psnr_db_mean <= 40.15 and (cal.lambda_img, cal.psnr_db_mean) in cal.trials
+    s = mark_folder(cifar_small[0], key, tmp_path / "out", fraction=0.25, seed=0, progress=False,
+                    config=replace(config, lambda_img=cal.lambda_img))
+    assert s.psnr_db_mean == pytest.approx(cal.psnr_db_mean, abs=1e-9)
+    higher = calibrate_lambda_img(cifar_small[0], key, 44.0, fraction=0.25, seed=0, config=config, pilot_images=100)
+    assert higher.reached and higher.lambda_img > cal.lambda_img and higher.psnr_db_mean >= 44.0
+
+
+def test_calibration_pilot_is_a_spread_sample_and_bad_targets_are_refused(trained_marker, classes, cifar_small):
+    key = _calibration_key(trained_marker, classes)
+    config = MarkingConfig(steps=2, lambda_img=0.7, augmentation="pad_crop")
+    cal = calibrate_lambda_img(cifar_small[0], key, 40.0, fraction=0.25, seed=0, config=config, pilot_images=7,
+                               max_trials=2)
+    assert cal.pilot_images == 7 and len(cal.trials) <= 2
+    for target in (10.0, 95.0):
+        with pytest.raises(RadioactiveError, match="target PSNR"):
+            calibrate_lambda_img(cifar_small[0], key, target, fraction=0.25, config=config)
+    with pytest.raises(RadioactiveError, match="no image would be marked"):
+        calibrate_lambda_img(cifar_small[0], key, 40.0, files=[], config=config)
+
+
+def test_cli_mark_target_psnr_calibrates_lambda_img_and_refuses_both(trained_marker, classes, cifar_small, tmp_path,
+                                                                     capsys):
+    key_path = _calibration_key(trained_marker, classes).save(tmp_path / "key.safetensors")
+    common = ["mark", "--source", str(cifar_small[0]), "--key", str(key_path), "--fraction", "0.25",
+              "--preset", "from-scratch", "--steps", "10", "--lr", str(2 / 255)]
+    with pytest.raises(SystemExit) as e:
+        main([*common, "--output", str(tmp_path / "a"), "--target-psnr", "40", "--lambda-img", "0.5"])
+    assert e.value.code == 2 and "give one of them" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    assert main([*common, "--output", str(tmp_path / "b"), "--target-psnr", "40"]) == 0
+    err = capsys.readouterr().err
+    header = json.loads((tmp_path / "b.record.jsonl").read_text().splitlines()[0])
+    assert f"lambda_img {header['config']['lambda_img']:.4g}:" in err and "target 40 dB" in err
+    assert header["config"]["lambda_img"] != 0.7 and header["config"]["augmentation"] == "pad_crop"

@@ -18,6 +18,7 @@ from .augment import AUGMENTATIONS
 from .data import OUTPUT_FORMATS, OutputFormat
 from .errors import RadioactiveError
 from .demo import SETTINGS, DemoConfig
+from .gradient import TEMPERATURE as GRADIENT_TEMPERATURE
 from .marking import MARKING_PRESETS, MarkingConfig
 from .networks import MarkingNetworkSpec
 from .training import TrainConfig
@@ -29,7 +30,7 @@ _PRESET_FIELDS = ("steps", "lr", "linf", "lambda_img", "lambda_ft", "augmentatio
 _DETECT_COMMON = ("command", "method", "output", "alpha", "verbose")
 _DETECT_FLAGS = {  # the flags each detection method reads (any other given flag is refused)
     "white-box": ("suspect", "key", "images", "ridge", "classes", "max_images", "layer", "decoys", "plot"),
-    "gradient": ("record", "key", "suspect", "reference", "classes", "source", "plot"),
+    "gradient": ("record", "key", "suspect", "reference", "classes", "source", "plot", "temperature"),
     "decoy-carrier": ("record", "key", "suspect", "reference", "decoy_carriers", "per_class", "decoy_seed"),
     "black-box": ("record", "suspect", "outputs", "classes", "mirror"),
     "membership": ("record", "suspect", "outputs"),
@@ -66,6 +67,7 @@ _positive_float = _number(float, lambda v: v > 0, "a positive number")
 _nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
 _quality = _number(int, lambda v: 1 <= v <= 100, "an encoder quality in 1..100")
 _temperature = _number(float, lambda v: 0.1 <= v <= 100, "a temperature in [0.1, 100]")
+_psnr = _number(float, lambda v: 20 <= v <= 80, "a PSNR in [20, 80] dB")
 _alpha = _number(float, lambda v: 0 < v < 1, "a significance level in (0, 1)")
 
 
@@ -148,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
             ("--batch-size", _positive_int, "images optimised together")):
         m.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=text + " (default: the preset's)",
                        **({"choices": tuple(AUGMENTATIONS)} if flag == "--augmentation" else {}))
+    m.add_argument("--target-psnr", type=_psnr, default=None,
+                   help="choose --lambda-img so that the marks' mean PSNR is just above this (dB), by marking a pilot "
+                        "of up to 200 of the images first (a minute or two on CPU); not with --lambda-img")
     g = m.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted run into a non-empty output folder: same arguments required; "
@@ -234,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gradient, decoy-carrier: vanilla model(s) trained without the key (recommended)")
     d.add_argument("--source", type=_existing, default=None,
                    help="gradient: the folder of vanilla originals, if it moved since marking (default: the record's)")
+    d.add_argument("--temperature", type=_temperature, default=GRADIENT_TEMPERATURE,
+                   help="gradient: T dividing the models' logits in the test's loss, in [0.1, 100]; fix it before "
+                        "testing (default %(default)g)")
     d.add_argument("--decoy-carriers", type=_positive_int, default=29, help="decoy-carrier: decoys per class (M)")
     d.add_argument("--per-class", type=_positive_int, default=20,
                    help="decoy-carrier: released marked images per class (n)")
@@ -327,8 +335,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         files = None
         if args.files is not None:
             files = [ln.strip() for ln in args.files.read_text().splitlines() if ln.strip()]
+        if args.target_psnr is not None and "lambda_img" in given:
+            parser.error("--target-psnr chooses --lambda-img: give one of them")
         ranks = from_env(args.device)  # one process unless started by torchrun
         try:
+            if args.target_psnr is not None:
+                cfg = _calibrated(args, cfg, files, ranks)
             summary = mark_folder(_folder_or_archive(args.source), Key.load(args.key), args.output, args.record,
                                   fraction=args.fraction, files=files, seed=args.seed, config=cfg,
                                   overwrite=args.overwrite, resume=args.resume, progress=sys.stderr.isatty(),
@@ -403,7 +415,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             if args.record is None or args.suspect is None or args.key is None:
                 parser.error("gradient detection needs --record, --key and --suspect")
             result = gradient_detect(args.record, Key.load(args.key), args.suspect, args.reference, alpha=args.alpha,
-                                     only_classes=only, source_root=args.source)
+                                     only_classes=only, source_root=args.source, temperature=args.temperature)
         elif args.method == "decoy-carrier":
             from .decoys import decoy_carrier_detect
 
@@ -477,6 +489,33 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         _emit({k: summary[k] for k in ("setting", "dataset", "marked_fraction", "psnr_db_mean", "linf_max", "suspects",
                                        "seconds")})
     return 0
+
+
+def _calibrated(args: argparse.Namespace, cfg: MarkingConfig, files: list[str] | None, ranks) -> MarkingConfig:
+    """``mark --target-psnr``: the configuration with lambda_img calibrated on a pilot of the marked images."""
+    from .keys import Key
+    from .marking import calibrate_lambda_img
+
+    if ranks.distributed:
+        raise RadioactiveError("--target-psnr is not calibrated under torchrun (each process would search alone): "
+                               "run `radioactive mark --target-psnr` once without torchrun, or pass the --lambda-img "
+                               "it prints")
+    cal = calibrate_lambda_img(_folder_or_archive(args.source), Key.load(args.key), args.target_psnr,
+                               fraction=args.fraction, files=files, seed=args.seed, config=cfg, device=args.device)
+    print(f"lambda_img {cal.lambda_img:.4g}: a pilot of {cal.pilot_images} of the images to mark reads "
+          f"{cal.psnr_db_mean:.2f} dB mean PSNR (target {cal.target_psnr_db:g} dB, {len(cal.trials)} trials"
+          f"{_calibration_miss(cal)})",
+          file=sys.stderr)
+    return dataclasses.replace(cfg, lambda_img=cal.lambda_img)
+
+
+def _calibration_miss(cal) -> str:
+    """Why a calibration missed its target, for the line ``mark --target-psnr`` prints ('' when it did not)."""
+    if cal.reached:
+        return ""
+    if cal.psnr_db_mean > cal.target_psnr_db:
+        return "; above the target: the marks are as strong as --steps and --linf allow"
+    return "; below the target: no weight tried reached it"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,29 @@ def select_marked(folder: ImageFolder, fraction: float, seed: int) -> list[int]:
     return sorted(chosen)
 
 
+def chosen_indices(folder: ImageFolder, fraction: float | None, files: list[str] | None, seed: int) -> list[int]:
+    """The sorted indices of the images a run marks: ``select_marked(folder, fraction, seed)``, or the listed files.
+
+    Raises:
+        RadioactiveError: both or neither of fraction and files; a listed file that is not an image of the
+            folder; nothing to mark.
+    """
+    if (fraction is None) == (files is None):
+        raise RadioactiveError("give either a marked fraction or a list of files to mark")
+    if files is not None:
+        index = {f: i for i, f in enumerate(folder.files)}
+        unknown = [f for f in files if f not in index]
+        if unknown:
+            raise RadioactiveError(f"{len(unknown)} listed files are not images of {folder.root}, e.g. {unknown[0]}")
+        chosen = sorted({index[f] for f in files})
+    else:
+        chosen = select_marked(folder, fraction, seed)
+    if not chosen:
+        raise RadioactiveError("no image would be marked: " + ("the list of files is empty" if files is not None else
+                               f"a fraction {fraction} of each class rounds to 0 images; raise --fraction"))
+    return chosen
+
+
 def _select_among(folder: ImageFolder, fraction: float, rng: np.random.Generator, exclude: set[int],
                   what: str) -> list[int]:
     """round(fraction x n_k) images of every class k, uniformly among those not in ``exclude``."""
@@ -180,19 +203,7 @@ def plan_run(source: Path, key: Key, output: Path, record: Path | None, fraction
         if other != rel:
             raise RadioactiveError(f"{other} and {rel} would both be written as {out_rel}; rename one")
     del names
-    if (fraction is None) == (files is None):
-        raise RadioactiveError("give either a marked fraction or a list of files to mark")
-    if files is not None:
-        index = {f: i for i, f in enumerate(folder.files)}
-        unknown = [f for f in files if f not in index]
-        if unknown:
-            raise RadioactiveError(f"{len(unknown)} listed files are not images of {source}, e.g. {unknown[0]}")
-        chosen = sorted({index[f] for f in files})
-    else:
-        chosen = select_marked(folder, fraction, seed)
-    if not chosen:
-        raise RadioactiveError("no image would be marked: " + ("the list of files is empty" if files is not None else
-                               f"a fraction {fraction} of each class rounds to 0 images; raise --fraction"))
+    chosen = chosen_indices(folder, fraction, files, seed)
     holdout = select_holdout(folder, holdout_fraction, seed, set(chosen)) if holdout_fraction else []
     withheld = (select_withheld(folder, withhold_fraction, seed, set(chosen) | set(holdout))
                 if withhold_fraction else [])
