@@ -33,6 +33,19 @@ def training_seed(weights: Path) -> int:
     return json.loads(sidecar_path(weights).read_text())["recipe"]["seed"]
 
 
+def usable_references(demo: Path, weights: Path, extra: list[Path]) -> list[Path]:
+    """The references a suspect of this replicate may be tested with, in order (module docstring): the
+    replicate's own reference(s), then ``extra``; never the marking network, the suspect itself, a duplicate or
+    a model trained with the suspect's own seed."""
+    usable, seen = [], {sha256_file(demo / "private" / "marking-network.safetensors"), sha256_file(weights)}
+    for r in [*sorted((demo / "private").glob("reference*.safetensors")), *extra]:
+        digest = sha256_file(r)
+        if digest not in seen and training_seed(r) != training_seed(weights):
+            usable.append(r)
+        seen.add(digest)
+    return usable
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demos", type=Path, nargs="+", required=True, help="demo output folders")
@@ -44,16 +57,10 @@ def main(argv=None) -> int:
     command = "python benchmarks/demo_references.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
     for demo in a.demos:
         key = Key.load(demo / "private" / "key.safetensors")
-        marker_sha = sha256_file(demo / "private" / "marking-network.safetensors")
         seed = json.loads((demo / "summary.json").read_text())["config"]["seed"]
         for suspect in ("marked", "vanilla"):
             weights = demo / "models" / f"{suspect}.safetensors"
-            usable, seen = [], {marker_sha, sha256_file(weights)}
-            for r in [demo / "private" / "reference.safetensors", *a.references]:
-                digest = sha256_file(r)
-                if digest not in seen and training_seed(r) != training_seed(weights):
-                    usable.append(r)
-                seen.add(digest)
+            usable = usable_references(demo, weights, a.references)
             for n in a.counts:
                 if n > len(usable):
                     continue

@@ -144,3 +144,37 @@ def test_cli_gradient_with_two_references_and_report(release, key, tmp_path, cap
     with pytest.raises(SystemExit) as e:
         main(["detect", "--method", "gradient", "--record", str(release), "--suspect", str(suspect)])
     assert e.value.code == 2 and "--key" in capsys.readouterr().err
+
+
+def test_temperature_divides_the_logits(real_batch, key, tmp_path):
+    """h at temperature T is h at T = 1 of the model whose logits are divided by T (not the loss scaled)."""
+    marker = load_marking_network(key.network)[0].eval().double()
+    w = np.random.default_rng(1).standard_normal((len(key.classes), key.dim))
+    net, _ = load_runnable(linear_probe(tmp_path / "p.safetensors", w, key))
+    net = net.double()
+    x, y = real_batch[0][:3].double() / 255, real_batch[1][:3]
+    h2 = pulled_back_gradients(net, marker, x, y, temperature=2.0)
+    h1 = pulled_back_gradients(lambda v: net(v) / 2, marker, x, y)
+    np.testing.assert_allclose(h2.numpy(), h1.numpy(), rtol=1e-9, atol=1e-12 * float(h1.abs().max()))
+    ratio = (h2.norm(dim=1) / pulled_back_gradients(net, marker, x, y).norm(dim=1)).numpy()
+    assert not np.allclose(ratio, 0.5)  # the softmax changes, not only the scale
+
+
+def test_temperature_is_recorded_and_checked(release, key, tmp_path, capsys):
+    from radioactive.cli import main
+
+    suspect = linear_probe(tmp_path / "s.safetensors", 50.0 * key.carriers.numpy(), key)
+    soft = gradient_detect(release, key, suspect, temperature=4.0)
+    assert soft.extra["temperature"] == 4.0 and soft.detected
+    assert soft.cosines != gradient_detect(release, key, suspect).cosines
+    for bad in (0.0, 1000.0):
+        with pytest.raises(RadioactiveError, match="temperature"):
+            gradient_detect(release, key, suspect, temperature=bad)
+    key.save(tmp_path / "key.safetensors")
+    assert main(["detect", "--method", "gradient", "--record", str(release), "--key", str(tmp_path / "key.safetensors"),
+                 "--suspect", str(suspect), "--temperature", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["cosines"] == pytest.approx(soft.cosines, rel=1e-6)
+    with pytest.raises(SystemExit):  # a gradient setting: refused by the other methods
+        main(["detect", "--method", "black-box", "--record", str(release), "--suspect", str(suspect),
+              "--temperature", "4"])
+    assert "temperature does not apply" in capsys.readouterr().err

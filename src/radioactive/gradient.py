@@ -7,14 +7,17 @@ the vanilla version x of a marked image, moving the pixels so that the marking n
 move along the class's carrier u lowers the suspect's loss. The test asks the suspect which way it wants
 each image to move, and reads that direction in the marking network's feature space:
 
-    h(x) = J_phi(x) (-grad_x CE_S(x, y))         (D,)   a Jacobian-vector product through the marker
+    h(x) = J_phi(x) (-grad_x CE(S(x) / T, y))   (D,)   a Jacobian-vector product through the marker
     S_k  = sum over the test images x of class k of [h_S(x) - mean over references R of h_R(x)]
     c_k  = cos(S_k, u_k),   p_k = P(C >= c_k) for C the cosine of a uniform random unit vector in R^D
     p    = Fisher's combination of the p_k over the tested classes.
 
 <u_k, h(x)> is the first-order change of the suspect's loss when x moves by the one-step mark
 J_phi(x)^T u_k (the gradient direction of the marking objective, Sablayrolles et al. 2020, Section 3.2),
-so c_k is large when the suspect prefers images marked with the real carrier. The references are models
+so c_k is large when the suspect prefers images marked with the real carrier. T is a temperature on the
+logits, fixed before any test (default :data:`TEMPERATURE`): a suspect fits its training images, so at T = 1
+the softmax saturates and the few images it fits worst dominate each sum; a softer softmax weighs the images
+more evenly. The null holds for any T. The references are models
 the owner trained on vanilla images, without the key; subtracting them removes the part of h that any
 model trained on these photographs shares (without a reference that shared part dominates and the test
 loses most of its power: docs/from-scratch.md).
@@ -56,16 +59,20 @@ from .keys import Key
 from .networks import FeatureNetwork, load_marking_network, load_runnable
 from .stats import cosine_log10_pvalue, fisher_log10_pvalue
 
+TEMPERATURE = 1.0
+"""Default T of the gradient test's loss (module docstring)."""
+
 
 def pulled_back_gradients(model: torch.nn.Module, marker: FeatureNetwork, images: torch.Tensor,
-                          labels: torch.Tensor) -> torch.Tensor:
-    """h(x) = J_phi(x) (-grad_x CE(model(x), y)) for a batch (module docstring).
+                          labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """h(x) = J_phi(x) (-grad_x CE(model(x) / T, y)) for a batch (module docstring).
 
     Args:
         model: maps (B, 3, H, W) images in [0, 1] to (B, K) logits; autograd must differentiate it in its input.
         marker: the marking network; phi = its features (input of its last linear layer).
         images: (B, 3, H, W) float images in [0, 1], vanilla.
         labels: (B,) int64 class indices in the model's class order.
+        temperature: T > 0, dividing the logits.
 
     Returns:
         (B, D) float64: the first-order change of the marking network's features when each image moves
@@ -81,7 +88,7 @@ def pulled_back_gradients(model: torch.nn.Module, marker: FeatureNetwork, images
         raise RadioactiveError(f"the model gives outputs of shape {tuple(logits.shape)} for {len(x)} images of "
                                f"{int(labels.max()) + 1}+ classes")
     try:
-        (grad,) = torch.autograd.grad(F.cross_entropy(logits, labels, reduction="sum"), x)
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits / temperature, labels, reduction="sum"), x)
     except RuntimeError as e:
         raise RadioactiveError(f"the model is not differentiable in its input, which the gradient test needs ({e})") from e
     with torch.no_grad(), warnings.catch_warnings():
@@ -110,7 +117,7 @@ def _batches(entries: list[RecordEntry], batch_size: int):
 def gradient_detect(record: str | Path, key: Key, suspect: str | Path,
                     reference: str | Path | list[str | Path] | tuple = (), alpha: float = 1e-3,
                     only_classes: list[str] | None = None, source_root: str | Path | None = None,
-                    batch_size: int = 100, device: str = "cpu") -> DetectionResult:
+                    batch_size: int = 100, device: str = "cpu", temperature: float = TEMPERATURE) -> DetectionResult:
     """Gradient test of a differentiable suspect (module docstring: statistic, null, cost).
 
     Args:
@@ -127,6 +134,7 @@ def gradient_detect(record: str | Path, key: Key, suspect: str | Path,
         source_root: the folder of vanilla originals, if it moved since marking (default: the record's).
         batch_size: images per pass (>= 1).
         device: torch device of the models (``cpu``, ``cuda``).
+        temperature: T dividing every model's logits, in [0.1, 100] (module docstring); fix it before testing.
 
     Returns:
         a :class:`DetectionResult` with method ``white-box gradient``: per-class cosines c_k in [-1, 1],
@@ -134,7 +142,7 @@ def gradient_detect(record: str | Path, key: Key, suspect: str | Path,
         sha256) and the images per class.
 
     Raises:
-        RadioactiveError: bad alpha or batch size; the record has no key fingerprint or another key's; no
+        RadioactiveError: bad alpha, batch size or temperature; the record has no key fingerprint or another key's; no
             released marked image of the tested classes; an unknown class; unreadable images or models; a
             source image identical to its marked output; a reference that is the suspect's file; a model
             that is not differentiable, gives non-finite gradients, or cannot be told from the references.
@@ -144,6 +152,8 @@ def gradient_detect(record: str | Path, key: Key, suspect: str | Path,
         raise RadioactiveError("batch_size must be at least 1")
     if not 0 < alpha < 1:
         raise RadioactiveError(f"alpha must be in (0, 1), got {alpha}")
+    if not 0.1 <= temperature <= 100:
+        raise RadioactiveError(f"temperature must be in [0.1, 100], got {temperature}")
     references = [reference] if isinstance(reference, (str, Path)) else list(reference)
     suspect_sha = sha256_file(Path(suspect)) if Path(suspect).is_file() else None
     reference_sha = [sha256_file(Path(r)) if Path(r).is_file() else None for r in references]
@@ -181,7 +191,7 @@ def gradient_detect(record: str | Path, key: Key, suspect: str | Path,
         rows = torch.tensor([row[index[e.class_name]] for e in batch])
         for m, (path, net, names) in enumerate(models):
             labels = torch.tensor([names.index(e.class_name) for e in batch], device=device)
-            h = pulled_back_gradients(net, marker, x.to(device), labels).cpu()
+            h = pulled_back_gradients(net, marker, x.to(device), labels, temperature).cpu()
             if not torch.isfinite(h).all():
                 raise RadioactiveError(f"{path} gives non-finite gradients on {batch[0].source.parent}")
             sums[m].index_add_(0, rows, h)
@@ -201,5 +211,6 @@ def gradient_detect(record: str | Path, key: Key, suspect: str | Path,
                        "negative input gradient pulled back through the marking network (minus the references' "
                        "mean); Fisher's combination over classes",
                "record": str(record), "reference": [str(r) for r in references], "reference_sha256": reference_sha,
+               "temperature": temperature,
                "images_per_class": [sum(index[e.class_name] == k for e in chosen) for k in classes]},
     )
