@@ -22,9 +22,12 @@ from reproduce import append  # benchmarks/ is on sys.path when a script here ru
 from radioactive.demo import SETTINGS, DemoConfig, run_demo
 
 
-def row_of(summary: dict, seed: int, command: str) -> dict:
-    """The replicate's figures from its summary.json."""
+def row_of(summary: dict, seed: int, command: str, folder: Path | None = None) -> dict:
+    """The replicate's figures from its summary.json (and the gradient test's temperature from its folder)."""
+    detect = folder / "detect-marked.json" if folder is not None else None
+    extra = json.loads(detect.read_text()).get("extra", {}) if detect is not None and detect.is_file() else {}
     return {
+        "lambda_img_calibration": summary.get("lambda_img_calibration"), "temperature": extra.get("temperature"),
         "setting": summary["setting"], "seed": seed, "dataset": summary["dataset"],
         "marked_fraction": summary["marked_fraction"], "psnr_db_mean": summary["psnr_db_mean"],
         "psnr_db_p5": summary["psnr_db_p5"], "linf_max": summary["linf_max"],
@@ -58,7 +61,7 @@ def main(argv=None) -> int:
             if out.exists():  # an interrupted replicate of this script's own work folder: start it again
                 shutil.rmtree(out)
             summary = run_demo(out, DemoConfig(setting=a.setting, seed=seed), progress=False)
-        row = row_of(summary, seed, command)
+        row = row_of(summary, seed, command, out)
         append(a.results, row)
         print(json.dumps(row), flush=True)
     return 0

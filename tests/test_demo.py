@@ -28,6 +28,8 @@ def test_config_fills_the_setting_defaults():
     switched = replace(DemoConfig(), setting="linear").resolved()
     assert switched.training.recipe == "linear" and switched.marking == MARKING_PRESETS["linear"]
     assert DemoConfig().marking is None  # resolving does not change the original
+    assert scratch.target_psnr == 40.5 and linear.target_psnr == 0  # lambda_img calibrated from scratch only
+    assert DemoConfig(target_psnr=0).resolved().target_psnr == 0
 
 
 def test_config_errors():
@@ -37,6 +39,8 @@ def test_config_errors():
         DemoConfig(training=TrainConfig(recipe="linear"))
     with pytest.raises(RadioactiveError, match="references must be"):
         DemoConfig(references=0)
+    with pytest.raises(RadioactiveError, match="target_psnr must be"):
+        DemoConfig(target_psnr=10)
     with pytest.raises(RadioactiveError, match="marks none"):  # refused before any training
         DemoConfig(train_per_class=2, marked_fraction=0.1)
 
@@ -69,6 +73,10 @@ def test_from_scratch_demo_end_to_end(tmp_path):
     assert len({sha256_file(m) for m in models}) == 5
     assert [r["path"] for r in summary["references"]] == ["private/reference.safetensors", "private/reference2.safetensors"]
     assert saved["config"]["marking"]["augmentation"] == "pad_crop"  # the resolved configuration is recorded
+    calibration = saved["lambda_img_calibration"]  # lambda_img calibrated on a pilot before marking
+    assert calibration["target_psnr_db"] == 40.5 and len(calibration["trials"]) >= 2
+    record = json.loads((out / "private" / "record.jsonl").read_text().splitlines()[0])
+    assert record["config"]["lambda_img"] == calibration["lambda_img"]
     report = (out / "report.md").read_text()
     assert "white-box gradient" in report and "from scratch" in report and "2 more vanilla ResNet-18" in report
     # the demo folder moved as a whole still tests: the key finds its marking network beside it
@@ -90,6 +98,7 @@ def test_linear_demo_end_to_end(tmp_path):
                   training=replace(base.training, epochs=1))
     summary = run_demo(tmp_path / "demo", cfg, progress=False)
     assert summary["setting"] == "linear" and summary["marking_network"] is None
+    assert summary["lambda_img_calibration"] is None
     assert summary["key"]["network"]["name"] == "efficientnet_lite0"
     assert summary["marking"]["num_marked"] == 10  # one a class
     for name, row in summary["suspects"].items():

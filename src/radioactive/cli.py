@@ -68,6 +68,7 @@ _nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
 _quality = _number(int, lambda v: 1 <= v <= 100, "an encoder quality in 1..100")
 _temperature = _number(float, lambda v: 0.1 <= v <= 100, "a temperature in [0.1, 100]")
 _psnr = _number(float, lambda v: 20 <= v <= 80, "a PSNR in [20, 80] dB")
+_psnr_or_off = _number(float, lambda v: v == 0 or 20 <= v <= 80, "0 (off) or a PSNR in [20, 80] dB")
 _alpha = _number(float, lambda v: 0 < v < 1, "a significance level in (0, 1)")
 
 
@@ -286,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=_nonneg_int, default=0, help="seed of everything")
     e.add_argument("--steps", type=_nonneg_int, default=MC.steps, help="marking steps")
     e.add_argument("--epochs", type=_positive_int, default=30, help="training epochs (each model the demo trains)")
+    e.add_argument("--target-psnr", type=_psnr_or_off, default=None,
+                   help="mean PSNR (dB) that lambda_img is calibrated to before marking; 0: the preset's lambda_img "
+                        "(default: 40.5 for from-scratch, 0 for linear)")
     e.add_argument("--references", type=_positive_int, default=DemoConfig.references,
                    help="from-scratch: vanilla reference models for the gradient test (each is one more training)")
     return p
@@ -475,6 +479,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         base = DemoConfig(setting=args.setting).resolved()
         cfg = DemoConfig(setting=args.setting, train_per_class=args.train_per_class, test_per_class=args.test_per_class,
                          marked_fraction=args.fraction, seed=args.seed, references=args.references,
+                         target_psnr=args.target_psnr,
                          marking=dataclasses.replace(base.marking, steps=args.steps),
                          training=dataclasses.replace(base.training, epochs=args.epochs, seed=args.seed))
         summary = run_demo(args.output_dir, cfg, archive=args.data, progress=sys.stderr.isatty())

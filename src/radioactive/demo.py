@@ -5,7 +5,7 @@ Two settings, each with its measured best configuration:
 * ``from-scratch`` (default): the trainer trains a ResNet-18 from random initialisation, the setting of most
   real suspects (docs/from-scratch.md). The owner first trains an in-domain marking network on the vanilla
   images, draws the key in its feature space, marks with the ``from-scratch`` preset (the trainer's pad-crop
-  + flip while marking), trains one or more vanilla models as references, and tests each suspect with the
+  + flip while marking) with lambda_img calibrated to a 40.5 dB mean PSNR, trains one or more vanilla models as references, and tests each suspect with the
   gradient test (white-box, exact p-value) and with the paired black-box loss test.
 * ``linear``: the trainer fits a linear classifier on the frozen features of the public marking network
   (EfficientNet-Lite0); the classic white-box test (alignment, cosines, decoy keys) and the paired
@@ -27,7 +27,7 @@ from .detection import DetectionResult, detect
 from .errors import RadioactiveError
 from .gradient import gradient_detect
 from .keys import generate_key
-from .marking import MARKING_PRESETS, MarkingConfig, mark_folder
+from .marking import MARKING_PRESETS, MarkingConfig, calibrate_lambda_img, mark_folder
 from .networks import MarkingNetworkSpec
 from .report import html_report, markdown_report, plot_cosines
 from .training import TrainConfig, train
@@ -41,6 +41,7 @@ _TRAINERS = {
                                 image_size=32),
     "linear": TrainConfig(recipe="linear", epochs=30, views=2),
 }
+_TARGET_PSNR = {"from-scratch": 40.5, "linear": 0.0}  # dB; 0: the preset's lambda_img (docs/from-scratch.md, "The demo")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ class DemoConfig:
         alpha: significance level of the verdicts.
         decoys: ``linear`` only: fresh random keys scored against each suspect (empirical p-value).
         marking: marking settings; None: the setting's preset in ``MARKING_PRESETS``.
+        target_psnr: mean PSNR in dB that ``marking.lambda_img`` is calibrated to before marking
+            (:func:`radioactive.marking.calibrate_lambda_img`); 0: no calibration; None: the setting's (40.5 for
+            ``from-scratch``, 0 for ``linear``).
         training: the trainer's recipe (also the marking network's for ``from-scratch``); None: the
             setting's measured recipe. :meth:`resolved` fills both.
 
@@ -82,6 +86,7 @@ class DemoConfig:
     references: int = 1
     marking: MarkingConfig | None = None
     training: TrainConfig | None = None
+    target_psnr: float | None = None
 
     def __post_init__(self):
         if self.setting not in SETTINGS:
@@ -94,14 +99,17 @@ class DemoConfig:
             raise RadioactiveError(f"references must be >= 1, got {self.references}")
         if self.train_per_class < 1 or self.test_per_class < 1 or not 0 < self.marked_fraction <= 1:
             raise RadioactiveError("train_per_class and test_per_class must be >= 1 and marked_fraction in (0, 1]")
+        if self.target_psnr is not None and self.target_psnr != 0 and not 20 <= self.target_psnr <= 80:
+            raise RadioactiveError(f"target_psnr must be 0 (off) or in [20, 80] dB, got {self.target_psnr}")
         if round(self.marked_fraction * self.train_per_class) < 1:
             raise RadioactiveError(f"a marked fraction of {self.marked_fraction} of {self.train_per_class} images a "
                                    "class marks none: raise one of them")
 
     def resolved(self) -> DemoConfig:
-        """This configuration with ``marking`` and ``training`` filled from the setting when None."""
+        """This configuration with ``marking``, ``training`` and ``target_psnr`` filled from the setting when None."""
         return replace(self, marking=self.marking or MARKING_PRESETS[self.setting],
-                       training=self.training or _TRAINERS[self.setting])
+                       training=self.training or _TRAINERS[self.setting],
+                       target_psnr=_TARGET_PSNR[self.setting] if self.target_psnr is None else self.target_psnr)
 
 
 def run_demo(output_dir: str | Path, config: DemoConfig = DemoConfig(), archive: str | Path | None = None,
@@ -145,8 +153,14 @@ def run_demo(output_dir: str | Path, config: DemoConfig = DemoConfig(), archive:
     key = generate_key(classes, network, seed=config.seed)
     key_path = key.save(out / "private" / "key.safetensors")
     released = out / "data" / "released" / "train"
+    marking, calibration = config.marking, None
+    if config.target_psnr:
+        calibration = calibrate_lambda_img(train_dir, key, config.target_psnr, fraction=config.marked_fraction,
+                                           seed=config.seed, config=marking)
+        marking = replace(marking, lambda_img=calibration.lambda_img)
+        log.info("lambda_img %.4g: pilot mean PSNR %.2f dB", calibration.lambda_img, calibration.psnr_db_mean)
     mark = mark_folder(train_dir, key, released, record=out / "private" / "record.jsonl",
-                       fraction=config.marked_fraction, seed=config.seed, config=config.marking, progress=progress)
+                       fraction=config.marked_fraction, seed=config.seed, config=marking, progress=progress)
     log.info("marked %d images: PSNR %.2f dB", mark.num_marked, mark.psnr_db_mean)
     suspects = {}
     plots = {}
@@ -177,6 +191,7 @@ def run_demo(output_dir: str | Path, config: DemoConfig = DemoConfig(), archive:
         "marking_network": None if marker is None else _model_row(marker, out),
         "references": [_model_row(r, out) for r in references],
         "marking": mark.to_dict(),
+        "lambda_img_calibration": None if calibration is None else asdict(calibration),
         "suspects": suspects,
         "config": asdict(config),
         "seconds": time.time() - t0,
