@@ -51,4 +51,5 @@ for s, d in DEMOS.items():
                 st = sums[who][k] - torch.stack([sums[r][k] for r in refs[:nr]]).mean(0)
                 cos = F.cosine_similarity(st, C, dim=1).numpy()
                 out.append(fisher_log10_pvalue(np.asarray(cosine_log10_pvalue(cos, 512), float)))
-        print(f"demo{s} {k:7s} suspect r1 {out[0]:6.2f} r3 {out[1]:6.2f} | control r1 {out[2]:6.2f} r3 {out[3]:6.2f}", flush=True)
+        print(f"demo{s} {k:7s} suspect r1 {out[0]:6.2f} r3 {out[1]:6.2f} | "
+              f"control r1 {out[2]:6.2f} r3 {out[3]:6.2f}", flush=True)

@@ -5,8 +5,9 @@ Two settings, each with its measured best configuration:
 * ``from-scratch`` (default): the trainer trains a ResNet-18 from random initialisation, the setting of most
   real suspects (docs/from-scratch.md). The owner first trains an in-domain marking network on the vanilla
   images, draws the key in its feature space, marks with the ``from-scratch`` preset (the trainer's pad-crop
-  + flip while marking) with lambda_img calibrated to a 40.5 dB mean PSNR, trains one or more vanilla models as references, and tests each suspect with the
-  gradient test (white-box, exact p-value) and with the paired black-box loss test.
+  + flip while marking) with lambda_img calibrated to a 40.5 dB mean PSNR, trains one or more vanilla models
+  as references, and tests each suspect with the gradient test (white-box, exact p-value) and with the paired
+  black-box loss test.
 * ``linear``: the trainer fits a linear classifier on the frozen features of the public marking network
   (EfficientNet-Lite0); the classic white-box test (alignment, cosines, decoy keys) and the paired
   black-box test (docs/results.md).
@@ -41,7 +42,8 @@ _TRAINERS = {
                                 image_size=32),
     "linear": TrainConfig(recipe="linear", epochs=30, views=2),
 }
-_TARGET_PSNR = {"from-scratch": 40.5, "linear": 0.0}  # dB; 0: the preset's lambda_img (docs/from-scratch.md, "The demo")
+# dB; 0: the preset's lambda_img (docs/from-scratch.md, "Calibrated marks and a softer loss")
+_TARGET_PSNR = {"from-scratch": 40.5, "linear": 0.0}
 
 
 @dataclass(frozen=True)
