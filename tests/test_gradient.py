@@ -38,7 +38,7 @@ def test_pulled_back_gradient_is_the_jacobian_vector_product(real_batch, key, tm
     net = net.double()
     x = real_batch[0][:2].double() / 255
     y = real_batch[1][:2]
-    h = pulled_back_gradients(net, marker, x, y)
+    h = pulled_back_gradients(net, marker, x, y, temperature=1.0)
     xg = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(net(xg), y, reduction="sum"), xg)
     eps = 1e-8 / g.abs().max()  # small: the network is piecewise linear (ReLU6), with kinks
@@ -154,9 +154,12 @@ def test_temperature_divides_the_logits(real_batch, key, tmp_path):
     net = net.double()
     x, y = real_batch[0][:3].double() / 255, real_batch[1][:3]
     h2 = pulled_back_gradients(net, marker, x, y, temperature=2.0)
-    h1 = pulled_back_gradients(lambda v: net(v) / 2, marker, x, y)
+    h1 = pulled_back_gradients(lambda v: net(v) / 2, marker, x, y, temperature=1.0)
     np.testing.assert_allclose(h2.numpy(), h1.numpy(), rtol=1e-9, atol=1e-12 * float(h1.abs().max()))
-    ratio = (h2.norm(dim=1) / pulled_back_gradients(net, marker, x, y).norm(dim=1)).numpy()
+    ratio = (h2.norm(dim=1) / pulled_back_gradients(net, marker, x, y, temperature=1.0).norm(dim=1)).numpy()
+    assert torch.equal(pulled_back_gradients(net, marker, x, y), h2)  # the default is the test's T = 2
+    with pytest.raises(RadioactiveError, match="temperature"):
+        pulled_back_gradients(net, marker, x, y, temperature=0.0)
     assert not np.allclose(ratio, 0.5)  # the softmax changes, not only the scale
 
 

@@ -4,6 +4,7 @@ augmentation while marking, and several augmented views per step (issue: from-sc
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -15,6 +16,7 @@ from radioactive.augment import PadCropFlip
 from radioactive.cli import main
 from radioactive.errors import RadioactiveError
 from radioactive.keys import Key, generate_key
+from radioactive.marking.calibrate import search_lambda
 from radioactive.marking import MarkingConfig, calibrate_lambda_img, image_generator, mark_batch, mark_folder
 from radioactive.networks import MarkingNetworkSpec, load_marking_network
 from radioactive.training import TrainConfig, train
@@ -135,12 +137,14 @@ def test_calibrated_lambda_img_gives_the_target_psnr_and_the_run_the_pilot_s_mar
     assert higher.reached and higher.lambda_img > cal.lambda_img and higher.psnr_db_mean >= 44.0
 
 
-def test_calibration_pilot_is_a_spread_sample_and_bad_targets_are_refused(trained_marker, classes, cifar_small):
+def test_calibration_pilot_size_and_bad_arguments_are_refused(trained_marker, classes, cifar_small):
     key = _calibration_key(trained_marker, classes)
     config = MarkingConfig(steps=2, lambda_img=0.7, augmentation="pad_crop")
     cal = calibrate_lambda_img(cifar_small[0], key, 40.0, fraction=0.25, seed=0, config=config, pilot_images=7,
                                max_trials=2)
-    assert cal.pilot_images == 7 and len(cal.trials) <= 2
+    assert cal.pilot_images == 7 and cal.trials[0][0] == 0.7  # the search starts from the configuration's weight
+    with pytest.raises(RadioactiveError, match="0 marking steps"):
+        calibrate_lambda_img(cifar_small[0], key, 40.0, fraction=0.25, config=replace(config, steps=0))
     for target in (10.0, 95.0):
         with pytest.raises(RadioactiveError, match="target PSNR"):
             calibrate_lambda_img(cifar_small[0], key, target, fraction=0.25, config=config)
@@ -162,3 +166,35 @@ def test_cli_mark_target_psnr_calibrates_lambda_img_and_refuses_both(trained_mar
     header = json.loads((tmp_path / "b.record.jsonl").read_text().splitlines()[0])
     assert f"lambda_img {header['config']['lambda_img']:.4g}:" in err and "target 40 dB" in err
     assert header["config"]["lambda_img"] != 0.7 and header["config"]["augmentation"] == "pad_crop"
+
+
+def _curve(slope=6.5, at=0.6, floor=-math.inf, top=math.inf):
+    """A synthetic pilot: mean PSNR linear in log lambda_img (40 dB at ``at``), clipped to [floor, top]; counts calls."""
+    calls = []
+
+    def psnr_at(lam):
+        calls.append(lam)
+        return min(max(40 + slope * math.log(lam / at), floor), top if lam < 5 else math.inf)
+    return psnr_at, calls
+
+
+def test_lambda_search_reaches_a_target_brackets_and_never_repeats_a_weight():
+    for lam0, target in ((0.7, 40.5), (0.05, 41.0), (50.0, 39.0)):
+        psnr_at, calls = _curve()
+        cal = search_lambda(psnr_at, lam0, target, 0.15, 10)
+        assert cal.reached and cal.stopped == "tolerance" and target <= cal.psnr_db_mean <= target + 0.15
+        assert len(calls) == len(set(calls)) == len(cal.trials) <= (4 if lam0 == 0.7 else 10)
+    psnr_at, calls = _curve(slope=20.0, top=45.0)  # the weights above 5 leave images unmarked: PSNR inf
+    cal = search_lambda(psnr_at, 8.0, 44.9, 0.01, 10)
+    assert len(calls) == len(set(calls)) and cal.psnr_db_mean >= 44.9 and math.isfinite(cal.psnr_db_mean)
+
+
+def test_lambda_search_says_why_it_stops_short():
+    psnr_at, _ = _curve(floor=42.5)  # steps or L-inf bind: no weight gets below 42.5 dB
+    cal = search_lambda(psnr_at, 0.7, 40.0, 0.15, 10)
+    assert not cal.reached and cal.stopped == "plateau" and cal.psnr_db_mean == 42.5
+    assert cal.lambda_img == min(lam for lam, p in cal.trials)  # the strongest marks tried
+    step = search_lambda(lambda lam: 39.0 if lam < 1 else 45.0, 0.7, 40.0, 0.15, 10)  # a jump over the target
+    assert not step.reached and step.lambda_img >= 1 and step.psnr_db_mean == 45.0 and len(step.trials) <= 10
+    few = search_lambda(_curve()[0], 0.7, 40.5, 0.001, 2)  # 41.0 dB, then 36.5 dB: out of trials
+    assert not few.reached and few.stopped == "max_trials" and few.lambda_img == 0.7 and len(few.trials) == 2

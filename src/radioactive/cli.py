@@ -152,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
         m.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=text + " (default: the preset's)",
                        **({"choices": tuple(AUGMENTATIONS)} if flag == "--augmentation" else {}))
     m.add_argument("--target-psnr", type=_psnr, default=None,
-                   help="choose --lambda-img so that the marks' mean PSNR is just above this (dB), by marking a pilot "
-                        "of up to 200 of the images first (a minute or two on CPU); not with --lambda-img")
+                   help="choose --lambda-img so that the marks' mean PSNR (before any lossy --output-format) is just "
+                        "above this (dB), by marking a pilot of up to 200 of the images first (a minute or more on "
+                        "CPU; again on --resume, with the same result on CPU); not with --lambda-img")
     g = m.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted run into a non-empty output folder: same arguments required; "
@@ -501,6 +502,9 @@ def _calibrated(args: argparse.Namespace, cfg: MarkingConfig, files: list[str] |
     from .keys import Key
     from .marking import calibrate_lambda_img
 
+    out = args.output
+    if not (args.resume or args.overwrite) and out.is_dir() and any(out.iterdir()):
+        raise RadioactiveError(f"output folder {out} is not empty: give --resume or --overwrite, or a new folder")
     if ranks.distributed:
         raise RadioactiveError("--target-psnr is not calibrated under torchrun (each process would search alone): "
                                "run `radioactive mark --target-psnr` once without torchrun, or pass the --lambda-img "
@@ -518,9 +522,9 @@ def _calibration_miss(cal) -> str:
     """Why a calibration missed its target, for the line ``mark --target-psnr`` prints ('' when it did not)."""
     if cal.reached:
         return ""
-    if cal.psnr_db_mean > cal.target_psnr_db:
+    if cal.stopped == "plateau":
         return "; above the target: the marks are as strong as --steps and --linf allow"
-    return "; below the target: no weight tried reached it"
+    return f"; not within 0.15 dB of the target after {len(cal.trials)} pilot markings"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,7 +69,8 @@ class DemoConfig:
         decoys: ``linear`` only: fresh random keys scored against each suspect (empirical p-value).
         marking: marking settings; None: the setting's preset in ``MARKING_PRESETS``.
         target_psnr: mean PSNR in dB that ``marking.lambda_img`` is calibrated to before marking
-            (:func:`radioactive.marking.calibrate_lambda_img`); 0: no calibration; None: the setting's (40.5 for
+            (:func:`radioactive.marking.calibrate_lambda_img`; it replaces the lambda_img of ``marking``, and the
+            summary's config records the weight used); 0: no calibration; None: the setting's (40.5 for
             ``from-scratch``, 0 for ``linear``).
         training: the trainer's recipe (also the marking network's for ``from-scratch``); None: the
             setting's measured recipe. :meth:`resolved` fills both.
@@ -160,6 +161,7 @@ def run_demo(output_dir: str | Path, config: DemoConfig = DemoConfig(), archive:
         calibration = calibrate_lambda_img(train_dir, key, config.target_psnr, fraction=config.marked_fraction,
                                            seed=config.seed, config=marking)
         marking = replace(marking, lambda_img=calibration.lambda_img)
+        config = replace(config, marking=marking)  # the summary records the weight used
         log.info("lambda_img %.4g: pilot mean PSNR %.2f dB", calibration.lambda_img, calibration.psnr_db_mean)
     mark = mark_folder(train_dir, key, released, record=out / "private" / "record.jsonl",
                        fraction=config.marked_fraction, seed=config.seed, config=marking, progress=progress)

@@ -67,7 +67,7 @@ and 16 on three of the suspects, then confirmed on the three others."""
 
 
 def pulled_back_gradients(model: torch.nn.Module, marker: FeatureNetwork, images: torch.Tensor,
-                          labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+                          labels: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
     """h(x) = J_phi(x) (-grad_x CE(model(x) / T, y)) for a batch (module docstring).
 
     Args:
@@ -75,16 +75,18 @@ def pulled_back_gradients(model: torch.nn.Module, marker: FeatureNetwork, images
         marker: the marking network; phi = its features (input of its last linear layer).
         images: (B, 3, H, W) float images in [0, 1], vanilla.
         labels: (B,) int64 class indices in the model's class order.
-        temperature: T > 0, dividing the logits.
+        temperature: T > 0, dividing the logits (default :data:`TEMPERATURE`).
 
     Returns:
         (B, D) float64: the first-order change of the marking network's features when each image moves
         along the negative gradient of its own cross-entropy loss. Only its direction is used.
 
     Raises:
-        RadioactiveError: the model is not differentiable in its input, or gives outputs of another shape
+        RadioactiveError: T <= 0; the model is not differentiable in its input, or gives outputs of another shape
             than (B, K > max label).
     """
+    if not temperature > 0:
+        raise RadioactiveError(f"temperature must be > 0, got {temperature}")
     x = images.detach().clone().requires_grad_(True)
     logits = model(x)
     if logits.ndim != 2 or logits.shape[0] != len(x) or logits.shape[1] <= int(labels.max()):

@@ -42,11 +42,12 @@ class LambdaCalibration:
         psnr_db_mean: the pilot's mean PSNR at ``lambda_img``, in dB.
         target_psnr_db: the target, in dB.
         pilot_images: images in the pilot.
-        reached: whether ``psnr_db_mean`` lies in [target, target + tolerance]. When not: above it, the marks are
-            as strong as the steps and the L-infinity radius allow (``lambda_img`` is the smallest weight tried
-            at or above the target); below it (no weight tried reached the target within ``max_trials``),
-            ``lambda_img`` is the one with the highest pilot PSNR.
+        reached: whether ``psnr_db_mean`` lies in [target, target + tolerance]. When not, ``lambda_img`` is the
+            smallest weight tried at or above the target (its marks are the strongest tried within the budget),
+            or, if no weight reached the target, the one with the highest pilot PSNR; ``stopped`` says why.
         trials: every (lambda_img, pilot mean PSNR in dB) tried, in order.
+        stopped: ``tolerance`` (reached), ``plateau`` (a smaller weight no longer changes the marks: the steps or
+            the L-infinity radius bind) or ``max_trials``.
     """
 
     lambda_img: float
@@ -55,6 +56,7 @@ class LambdaCalibration:
     pilot_images: int
     reached: bool
     trials: list[tuple[float, float]] = field(default_factory=list)
+    stopped: str = "tolerance"
 
 
 def calibrate_lambda_img(source: str | Path, key: Key, target_psnr_db: float, fraction: float | None = None,
@@ -81,13 +83,15 @@ def calibrate_lambda_img(source: str | Path, key: Key, target_psnr_db: float, fr
         a :class:`LambdaCalibration`; use ``replace(config, lambda_img=result.lambda_img)`` for the run.
 
     Raises:
-        RadioactiveError: a target outside [20, 80] dB, bad pilot size, tolerance or trial count, classes that
+        RadioactiveError: a target outside [20, 80] dB, 0 steps, bad pilot size, tolerance or trial count, classes that
             differ from the key's, a bad fraction or file list, or no readable pilot image.
     """
     if not 20 <= target_psnr_db <= 80:
         raise RadioactiveError(f"the target PSNR must be in [20, 80] dB, got {target_psnr_db}")
     if pilot_images < 1 or max_trials < 2 or tolerance_db <= 0:
         raise RadioactiveError("pilot_images must be >= 1, max_trials >= 2 and tolerance_db > 0")
+    if config.steps == 0:
+        raise RadioactiveError("0 marking steps leave every image unmarked: there is no pixel weight to calibrate")
     folder = list_image_folder(source)
     if tuple(folder.classes) != tuple(key.classes):
         raise RadioactiveError(f"the classes of {source} differ from the key's")
@@ -123,24 +127,36 @@ def calibrate_lambda_img(source: str | Path, key: Key, target_psnr_db: float, fr
                             values.append(p)
         return float(np.mean(values)) if values else math.inf
 
+    lam0 = config.lambda_img if config.lambda_img > 0 else 1.0
+    return search_lambda(pilot_psnr, lam0, target_psnr_db, tolerance_db, max_trials, len(pilot))
+
+
+def search_lambda(psnr_at, lam0: float, target_psnr_db: float, tolerance_db: float, max_trials: int,
+                  pilot_images: int = 0) -> LambdaCalibration:
+    """The search of :func:`calibrate_lambda_img`, given ``psnr_at(lambda_img) -> mean PSNR in dB`` (module
+    docstring): ``hi`` is the smallest weight tried at or above the target, ``lo`` the largest below it.
+
+    Stops (``LambdaCalibration.stopped``) at ``tolerance`` (a pilot mean in [target, target + tolerance_db]),
+    ``plateau`` (halving the weight no longer changes the pilot mean, or the bracket cannot shrink further) or
+    ``max_trials``.
+    """
     trials: list[tuple[float, float]] = []
-
-    def trial(lam: float) -> float:
-        trials.append((lam, pilot_psnr(lam)))
-        return trials[-1][1]
-
-    lam = config.lambda_img if config.lambda_img > 0 else 1.0
-    lo = hi = None  # (lambda, psnr) with psnr below / at or above the target
+    lo = hi = None  # (lambda, psnr)
+    lam, stopped = lam0, "max_trials"
     while len(trials) < max_trials:
-        p = trial(lam)
+        p = psnr_at(lam)
+        trials.append((lam, p))
         if p >= target_psnr_db:
-            hi = (lam, p) if hi is None or p < hi[1] else hi
+            hi = (lam, p) if hi is None or lam < hi[0] else hi
         else:
-            lo = (lam, p) if lo is None or p > lo[1] else lo
+            lo = (lam, p) if lo is None or lam > lo[0] else lo
         if hi is not None and hi[1] - target_psnr_db <= tolerance_db:
+            stopped = "tolerance"
             break
-        if lo is None and len(trials) >= 2 and abs(trials[-1][1] - trials[-2][1]) < 0.01:
-            break  # halving lambda_img no longer changes the marks: the steps or the L-infinity radius bind
+        if lo is None and len(trials) >= 2 and (trials[-1][1] == trials[-2][1]
+                                                 or abs(trials[-1][1] - trials[-2][1]) < 0.01):
+            stopped = "plateau"  # halving lambda_img no longer changes the marks: the steps or the L-inf radius bind
+            break
         if lo is None:
             lam = lam / 2
         elif hi is None:
@@ -149,7 +165,10 @@ def calibrate_lambda_img(source: str | Path, key: Key, target_psnr_db: float, fr
             a, b = math.log(lo[0]), math.log(hi[0])
             t = (target_psnr_db - lo[1]) / (hi[1] - lo[1]) if math.isfinite(hi[1]) else 0.5
             lam = math.exp(a + min(max(t, 0.1), 0.9) * (b - a))
+            if b - a < 1e-6:
+                stopped = "plateau"
+                break
     if hi is None:
         best = max(trials, key=lambda t: t[1])
-        return LambdaCalibration(best[0], best[1], target_psnr_db, len(pilot), False, trials)
-    return LambdaCalibration(hi[0], hi[1], target_psnr_db, len(pilot), hi[1] - target_psnr_db <= tolerance_db, trials)
+        return LambdaCalibration(best[0], best[1], target_psnr_db, pilot_images, False, trials, stopped)
+    return LambdaCalibration(hi[0], hi[1], target_psnr_db, pilot_images, stopped == "tolerance", trials, stopped)
