@@ -1,8 +1,16 @@
-"""Gradient-test variants: which loss the suspect's input gradient is taken of."""
+"""Gradient-test variants: which loss the suspect's input gradient is taken of.
+
+    python benchmarks/exploration/gradient_losses.py                      # gradient_losses.txt
+    python benchmarks/exploration/gradient_losses.py ce_t2 ce_t8 ce_t16   # gradient_temperatures.txt
+
+Kinds: ``ce`` (T = 1), ``ce_tN`` (cross-entropy at temperature N, through the library's pulled_back_gradients),
+``margin`` (logit margin), ``logit`` (raw logit of the class).
+"""
+import sys
 import numpy as np, torch, torch.nn.functional as F, warnings
 from radioactive.keys import Key
 from radioactive.blackbox import read_record
-from radioactive.gradient import _batches
+from radioactive.gradient import _batches, pulled_back_gradients
 from radioactive.networks import load_marking_network, load_runnable
 from radioactive.stats import cosine_log10_pvalue, fisher_log10_pvalue
 V = {0: "demo-output/private/marking-network", 1: "demo-output/models/vanilla", 2: "demo-output/private/reference",
@@ -11,20 +19,20 @@ V = {0: "demo-output/private/marking-network", 1: "demo-output/models/vanilla", 
 DEMOS = {0: "demo-output", 1: "runs/demo_replicates/from-scratch-seed1", 2: "runs/demo_replicates/from-scratch-seed2"}
 torch.set_num_threads(2)
 def loss(logits, y, kind):
-    if kind == "ce": return F.cross_entropy(logits, y, reduction="sum")
-    if kind == "ce_t4": return F.cross_entropy(logits / 4, y, reduction="sum")
     if kind == "margin":
         other = logits.clone(); other[torch.arange(len(y)), y] = -1e9
         return -(logits[torch.arange(len(y)), y] - torch.logsumexp(other, 1)).sum()
     if kind == "logit": return -logits[torch.arange(len(y)), y].sum()
 def h(net, marker, x, y, kind):
+    if kind == "ce" or kind.startswith("ce_t"):
+        return pulled_back_gradients(net, marker, x, y, temperature=float(kind[4:]) if kind != "ce" else 1.0)
     x = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(loss(net(x), y, kind), x)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore")
         _, j = torch.func.jvp(marker.features, (x.detach(),), (-g,))
     return j.double()
-KINDS = ("ce", "margin", "ce_t4", "logit")
+KINDS = tuple(sys.argv[1:]) or ("ce", "margin", "ce_t4", "logit")
 for s, d in DEMOS.items():
     key = Key.load(f"{d}/private/key.safetensors")
     _, entries = read_record(f"{d}/private/record.jsonl")
