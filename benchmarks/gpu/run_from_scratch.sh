@@ -23,12 +23,12 @@ set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 export PYTHONPATH="/tmp/site:$PWD/src" RADIOACTIVE_DATA="$PWD/.gpudata" RADIOACTIVE_CACHE=/tmp/radioactive-cache
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
-python3 benchmarks/from_scratch.py --device cuda --train-per-class 5000 --test-per-class 1000 \
+python3 benchmarks/studies/from_scratch/from_scratch.py --device cuda --train-per-class 5000 --test-per-class 1000 \
     --fraction 0.1 --holdout 0.1 --arch resnet18_cifar --epochs 40 --batch-size 512 --lr 0.2 --seed 0 \
     --workdir /tmp/fs --results "$OUT/from_scratch_gpu.jsonl" 2>&1 | tee "$OUT/log.txt"
 # Second cell: the vanilla control just trained (seed 0) is the in-domain marking network; the suspect and
 # its control train with seed 1; 10 % of each class is withheld from the release (membership test).
-python3 benchmarks/from_scratch.py --device cuda --train-per-class 5000 --test-per-class 1000 \
+python3 benchmarks/studies/from_scratch/from_scratch.py --device cuda --train-per-class 5000 --test-per-class 1000 \
     --fraction 0.1 --arch resnet18_cifar --epochs 40 --batch-size 512 --lr 0.2 --seed 0 --train-seed 1 \
     --marker /tmp/fs/models/control-vanilla-resnet18_cifar-40-0.2-0.safetensors --augment pad_crop \
     --lambda-img 0.7 --withhold 0.1 \
@@ -36,7 +36,7 @@ python3 benchmarks/from_scratch.py --device cuda --train-per-class 5000 --test-p
 # Third step: the exact decoy-carrier test (docs/concepts.md) on the in-domain suspect, with the second
 # cell's vanilla control (seed 1, independent of the marker) as the reference: 6,000 markings at 32 px.
 REC=$(ls -t /tmp/fs/marked-*.record.jsonl | head -1)
-python3 benchmarks/decoy_carriers.py --device cuda --record "$REC" \
+python3 benchmarks/studies/from_scratch/decoy_carriers.py --device cuda --record "$REC" \
     --marker /tmp/fs/models/control-vanilla-resnet18_cifar-40-0.2-0.safetensors --key-seed 1000 \
     --reference /tmp/fs/models/control-vanilla-resnet18_cifar-40-0.2-1.safetensors \
     --suspects /tmp/fs/models/suspect-*-resnet18_cifar-40-0.2-1-w0.1.safetensors \
@@ -44,7 +44,7 @@ python3 benchmarks/decoy_carriers.py --device cuda --record "$REC" \
     --per-class 20 --decoys 99 --cache /tmp/fs/decoys --results "$OUT/decoy_carriers_gpu.jsonl" 2>&1 | tee -a "$OUT/log.txt"
 # Fourth step: the gradient test (white-box, exact, radioactive.gradient) on the same suspect and the marker
 # (a vanilla control), with the same reference.
-python3 benchmarks/gradient_test.py --device cuda --record "$REC" \
+python3 benchmarks/studies/from_scratch/gradient_test.py --device cuda --record "$REC" \
     --marker /tmp/fs/models/control-vanilla-resnet18_cifar-40-0.2-0.safetensors --key-seed 1000 \
     --reference /tmp/fs/models/control-vanilla-resnet18_cifar-40-0.2-1.safetensors \
     --models /tmp/fs/models/suspect-*-resnet18_cifar-40-0.2-1-w0.1.safetensors \

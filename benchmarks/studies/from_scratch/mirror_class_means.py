@@ -4,7 +4,8 @@ For each model, prints one JSON line: for the released and (if any) holdout mark
 per-class means of m = loss(mirror) - loss(marked) and of d = loss(vanilla) - loss(marked), and the
 image-level Wilcoxon log10 p of m > 0 (reported to show it is not a valid test when class means differ).
 
-    python benchmarks/mirror_class_means.py runs/from_scratch/marked-6c22132bfb.record.jsonl MODEL [MODEL ...]
+    python benchmarks/studies/from_scratch/mirror_class_means.py \
+        runs/from_scratch/marked-6c22132bfb.record.jsonl MODEL [MODEL ...]
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ not: one number per image and version, whatever the suspect).
 
 Prints one JSON line per (record, model) and appends it to --results.
 
-    python benchmarks/blackbox_views.py --record runs/from_scratch/marked-63829a0f94.record.jsonl \
+    python benchmarks/studies/from_scratch/blackbox_views.py --record runs/from_scratch/marked-63829a0f94.record.jsonl \
         --models runs/from_scratch/models/suspect-63829a0f94-resnet18-30-0.05-1.safetensors ...
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -27,11 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reproduce import append  # benchmarks/ is on sys.path when a script here runs
 from radioactive.augment import PadCropFlip
 from radioactive.blackbox import control_test, paired_test, read_record, true_class_loss
 from radioactive.data import load_rgb
 from radioactive.networks import load_runnable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/, for _common
+from _common import RESULTS, append_result, command_line  # noqa: E402
 
 SHIFTS = (0, 2, 4, 6, 8)  # crop offsets in the 4-px zero-padded image (4 = centred)
 VIEW_SETS = {  # name -> (indices into SHIFTS, flips)
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("--record", type=Path, required=True)
     p.add_argument("--models", type=Path, nargs="+", required=True)
     p.add_argument("--cache", type=Path, default=Path("runs/blackbox_views"))
-    p.add_argument("--results", type=Path, default=Path("benchmarks/results/blackbox_views.jsonl"))
+    p.add_argument("--results", type=Path, default=RESULTS / "blackbox_views.jsonl")
     a = p.parse_args(argv)
     torch.set_num_threads(2)
     header, entries = read_record(a.record)
@@ -96,9 +97,7 @@ def main(argv=None) -> int:
                 row["control"] = control_test((v - m)[released], (v - m)[~released])[0]
             out[name] = row
         out["seconds"] = time.time() - t0
-        out["command"] = "python benchmarks/blackbox_views.py " + " ".join(
-            shlex.quote(x) for x in (argv or sys.argv[1:]))
-        append(a.results, out)
+        out = append_result(a.results, out, command_line(__file__, argv or sys.argv[1:]))
         print(json.dumps(out), flush=True)
     return 0
 

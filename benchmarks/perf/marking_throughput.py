@@ -16,7 +16,7 @@ the mean feature shift along the carrier (measured on the centre view) for each,
 ratios, and achieved GFLOP/s against this machine's measured fp32 matrix-multiply peak.
 The last line is one JSON object.
 
-    python benchmarks/marking_throughput.py [--quick]
+    python benchmarks/perf/marking_throughput.py [--quick]
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Levers (all keep the null exact: the images are vanilla and chosen without the c
     --views N             h averaged over N views (identity, flip, then random pad-4 crops +- flip)
     --unit                each image's h scaled to unit norm before the sum
 
-    python benchmarks/gradient_test.py --record runs/from_scratch/marked-63829a0f94.record.jsonl \
+    python benchmarks/studies/from_scratch/gradient_test.py --record runs/from_scratch/marked-63829a0f94.record.jsonl \
         --marker runs/from_scratch/models/control-vanilla-resnet18-30-0.05-0.safetensors --key-seed 1000 \
         --reference runs/from_scratch/models/control-vanilla-resnet18-30-0.05-3.safetensors \
         --models runs/from_scratch/models/suspect-63829a0f94-resnet18-30-0.05-1.safetensors
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -32,13 +31,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from reproduce import append  # benchmarks/ is on sys.path when a script here runs
 from radioactive.blackbox import read_record
 from radioactive.data import load_rgb
 from radioactive.gradient import pulled_back_gradients
 from radioactive.keys import generate_key
 from radioactive.networks import MarkingNetworkSpec, load_marking_network, load_runnable
 from radioactive.stats import cosine_log10_pvalue, fisher_log10_pvalue
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/, for _common
+from _common import RESULTS, append_result, command_line  # noqa: E402
 
 
 def image_set(header: dict, entries, classes: list[str], which: str) -> list[tuple[Path, int]]:
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
     p.add_argument("--views", type=int, default=1)
     p.add_argument("--unit", action="store_true")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
-    p.add_argument("--results", type=Path, default=Path("benchmarks/results/gradient_test.jsonl"))
+    p.add_argument("--results", type=Path, default=RESULTS / "gradient_test.jsonl")
     a = p.parse_args(argv)
     torch.manual_seed(0)
     header, entries = read_record(a.record)
@@ -113,9 +114,8 @@ def main(argv=None) -> int:
         row = {"record": str(a.record), "model": str(model), "reference": [str(r) for r in a.reference],
                "image_set": a.image_set, "images": len(items), "views": a.views, "unit": a.unit,
                "log10_p": round(float(fisher_log10_pvalue(lp)), 3), "class_cosines": cos.round(4).tolist(),
-               "class_log10_p": lp.round(3).tolist(), "seconds": round(time.time() - t0, 1),
-               "command": "python benchmarks/gradient_test.py " + " ".join(shlex.quote(v) for v in (argv or sys.argv[1:]))}
-        append(a.results, row)
+               "class_log10_p": lp.round(3).tolist(), "seconds": round(time.time() - t0, 1)}
+        row = append_result(a.results, row, command_line(__file__, argv or sys.argv[1:]))
         print(json.dumps({k: row[k] for k in ("model", "image_set", "views", "unit", "log10_p")}), flush=True)
     return 0
 

@@ -19,11 +19,11 @@ a network from scratch are marked "needs GPU" and run only when asked for by
 ``--cell`` (or ``--study ... --include-gpu``).
 
 Examples:
-    python benchmarks/reproduce.py --list
-    python benchmarks/reproduce.py --cell lin-q10
-    python benchmarks/reproduce.py --study controls
-    python benchmarks/reproduce.py --plots
-    python benchmarks/reproduce.py --markdown      # tables for docs/results.md
+    python benchmarks/studies/reproduce/reproduce.py --list
+    python benchmarks/studies/reproduce/reproduce.py --cell lin-q10
+    python benchmarks/studies/reproduce/reproduce.py --study controls
+    python benchmarks/studies/reproduce/reproduce.py --plots
+    python benchmarks/studies/reproduce/reproduce.py --markdown      # tables for docs/results.md
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tarfile
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -42,9 +43,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "reproduce.jsonl"
-FIGURES = ROOT / "benchmarks" / "results" / "figures"
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/, for _common
+import _common  # noqa: E402
+
+ROOT = _common.ROOT
+RESULTS = _common.RESULTS / "reproduce.jsonl"
+FIGURES = _common.RESULTS / "figures"
 WORKDIR = ROOT / "runs" / "reproduce"
 STUDIES = ("controls", "fraction", "robustness", "quality", "classes")
 
@@ -115,7 +119,7 @@ class Cell:
 
     @property
     def command(self) -> str:
-        return f"python benchmarks/reproduce.py --cell {self.id}"
+        return f"python benchmarks/studies/reproduce/reproduce.py --cell {self.id}"
 
 
 def _pct(q: float) -> str:
@@ -178,17 +182,6 @@ def read_results(path: Path) -> dict[str, dict]:
 
 def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def git_commit() -> str | None:
-    head = ROOT / ".git" / "HEAD"
-    try:
-        ref = head.read_text().strip()
-        if ref.startswith("ref: "):
-            return (ROOT / ".git" / ref[5:]).read_text().strip()[:12]
-        return ref[:12]
-    except OSError:
-        return None
 
 
 def hardlink_tree(src: Path, dst: Path, classes: list[str] | None = None) -> Path:
@@ -394,7 +387,6 @@ def get_model(c: Cell, train_dir: Path, test_dir: Path, work: Path, device: str,
 # ----------------------------------------------------------------------------- one cell
 
 def run_cell(c: Cell, work: Path, device: str, decoys: int) -> dict:
-    from radioactive import __version__
     from radioactive.blackbox import blackbox_detect
     from radioactive.detection import detect
     from radioactive.keys import generate_key
@@ -456,8 +448,7 @@ def run_cell(c: Cell, work: Path, device: str, decoys: int) -> dict:
                         f"{name}blackbox_median_loss_diff": bb.extra["median_loss_difference"]})
     else:
         row.update({"log10_p_blackbox": None, "control_log10_p_whitebox": None})
-    row.update({"seconds": time.time() - t0, "command": c.command, "package_version": __version__,
-                "git_commit": git_commit(), "device": device, "torch_threads": _threads(),
+    row.update({"seconds": time.time() - t0, "device": device, "torch_threads": _threads(),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return row
 
@@ -466,14 +457,6 @@ def _threads() -> int:
     import torch
 
     return torch.get_num_threads()
-
-
-def append(path: Path, row: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -610,8 +593,8 @@ def plots(done: dict, figures: Path) -> list[Path]:
                      if r["setting"] == setting and r.get("log10_p_blackbox") is not None)
         if pts:
             ax.plot(*zip(*pts), marker=marker, ls="--", alpha=0.6, label=f"{setting} (black-box)")
-    scratch_file = ROOT / "benchmarks" / "results" / "from_scratch.jsonl"
-    if scratch_file.is_file():  # CPU from-scratch cells of benchmarks/from_scratch.py (10,000 images, ResNet-18)
+    scratch_file = _common.RESULTS / "from_scratch.jsonl"
+    if scratch_file.is_file():  # CPU cells of studies/from_scratch/from_scratch.py (10,000 images, ResNet-18)
         fs = [json.loads(ln) for ln in scratch_file.read_text().splitlines() if ln.strip()]
         pts = [(r["q"] * 100, r["suspect"]["log10_p_whitebox"]) for r in fs]
         if pts:
@@ -765,7 +748,7 @@ def main(argv=None) -> int:
             continue
         print(f"{c.id}: running", flush=True)
         row = run_cell(c, a.workdir, a.device, a.decoys)
-        append(a.results, row)
+        row = _common.append_result(a.results, row, c.command)  # stamps command, commit, versions
         print(json.dumps({k: row[k] for k in ("cell", "q", "psnr_db_mean", "accuracy", "control_accuracy",
                                               "log10_p_whitebox", "decoy_empirical_log10_p", "log10_p_blackbox",
                                               "seconds")}), flush=True)

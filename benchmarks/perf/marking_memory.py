@@ -7,7 +7,7 @@ archive (``../shared/data/cifar10-jpeg.tar.gz``, real JPEGs), copied once into `
 enough: the optimisation's memory depends on the batch size, not on the dataset; what could grow with the
 dataset is the listing, the plan, the journal, the record and the copying, which every run exercises whole.
 
-    nice -n 19 .venv/bin/python benchmarks/marking_memory.py            # 2,000 and 20,000 images, --steps 1
+    nice -n 19 .venv/bin/python benchmarks/perf/marking_memory.py            # 2,000 and 20,000 images, --steps 1
 
 A third run, the control, marks *every* image of the small slice: as many marking batches as the large run
 at a tenth of the images. The optimisation's transient memory (about 1 GB for 125 images) sets the peak, and

@@ -9,7 +9,7 @@ file. Finished cells (same configuration) are skipped, so the script can be
 re-run to resume; marked copies and trained models are cached in --workdir.
 
 Example (the command of every recorded cell is stored in its JSON line):
-    python benchmarks/from_scratch.py --fraction 0.1 --arch resnet18 --epochs 15 --seed 0
+    python benchmarks/studies/from_scratch/from_scratch.py --fraction 0.1 --arch resnet18 --epochs 15 --seed 0
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import json
 import os
-import shlex
 import shutil
 import sys
 import time
@@ -35,7 +34,11 @@ from radioactive.keys import generate_key
 from radioactive.marking import MarkingConfig, mark_folder
 from radioactive.networks import MarkingNetworkSpec, load_runnable
 from radioactive.training import TrainConfig, train
-from reproduce import cifar100_extract  # benchmarks/ is on sys.path when a script here runs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/, for _common
+from _common import RESULTS, append_result, command_line, use_study  # noqa: E402
+use_study("reproduce")
+from reproduce import cifar100_extract  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -63,7 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--holdout", type=float, default=0.0, help="withheld marked fraction (black-box control)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workdir", type=Path, default=Path("runs/from_scratch"))
-    p.add_argument("--results", type=Path, default=Path("benchmarks/results/from_scratch.jsonl"))
+    p.add_argument("--results", type=Path, default=RESULTS / "from_scratch.jsonl")
     p.add_argument("--dataset", choices=("cifar10", "cifar100"), default="cifar10")
     p.add_argument("--reference", type=Path, nargs="+", default=None,
                    help="vanilla models trained without the key: also run the gradient test (radioactive.gradient)")
@@ -193,10 +196,7 @@ def main(argv=None) -> int:
                                  losses["withheld"][1])
             out[name].update({"log10_p_membership": mt["log10_pvalue"], "membership": mt})
     out["seconds"] = time.time() - t0
-    out["command"] = "python benchmarks/from_scratch.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
-    a.results.parent.mkdir(parents=True, exist_ok=True)
-    with open(a.results, "a") as f:
-        f.write(json.dumps(out) + "\n")
+    out = append_result(a.results, out, command_line(__file__, argv or sys.argv[1:]))
     print(json.dumps(out))
     return 0
 

@@ -11,19 +11,18 @@ flip; RMS bounded (PSNR about 42 dB) and L-inf <= 10 levels. A fraction q of
 each class k is released as round(x + delta_k).
 
 Then: train the suspect from scratch (same recipe and seed as the vanilla
-control of benchmarks/from_scratch.py, whose model is reused), and test it
+control of benchmarks/studies/from_scratch/from_scratch.py, whose model is reused), and test it
 and the control with the white-box test (alignment) and the
 carrier-permutation test (radioactive.permutation). Appends one JSON line to
 benchmarks/results/class_pattern.jsonl.
 
-    python benchmarks/class_pattern.py --fraction 0.1 --rms 2.0 --seed 0
+    python benchmarks/studies/from_scratch/class_pattern.py --fraction 0.1 --rms 2.0 --seed 0
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,9 @@ from radioactive.marking import psnr_db, select_marked
 from radioactive.networks import load_marking_network, load_suspect
 from radioactive.permutation import permutation_log10_pvalue, response_matrices
 from radioactive.training import TrainConfig, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/, for _common
+from _common import RESULTS, append_result, command_line  # noqa: E402
 
 
 def optimise_pattern(net, pool: torch.Tensor, u: torch.Tensor, steps: int, rms: float, linf: float,
@@ -73,7 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=Path("runs/from_scratch"))
-    p.add_argument("--results", type=Path, default=Path("benchmarks/results/class_pattern.jsonl"))
+    p.add_argument("--results", type=Path, default=RESULTS / "class_pattern.jsonl")
     a = p.parse_args(argv)
     t0 = time.time()
     data = a.workdir / "cifar10-1000-200"
@@ -138,10 +140,7 @@ def main(argv=None) -> int:
                      "mean_diag_black": float(np.trace(black) / len(black)),
                      "mean_offdiag_black": float((black.sum() - np.trace(black)) / (black.size - len(black)))}
     out["seconds"] = time.time() - t0
-    out["command"] = "python benchmarks/class_pattern.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
-    a.results.parent.mkdir(parents=True, exist_ok=True)
-    with open(a.results, "a") as f:
-        f.write(json.dumps(out) + "\n")
+    out = append_result(a.results, out, command_line(__file__, argv or sys.argv[1:]))
     print(json.dumps(out))
     return 0
 

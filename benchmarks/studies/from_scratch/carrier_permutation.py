@@ -4,7 +4,7 @@ Marks a pool of vanilla test images (never released) once per carrier of the
 key, caches the marked pools, and prints the black-box and white-box
 permutation p-values of each suspect as JSON lines (appended to --results).
 
-    python benchmarks/carrier_permutation.py --key-seed 1000 --pool-per-class 5 \
+    python benchmarks/studies/from_scratch/carrier_permutation.py --key-seed 1000 --pool-per-class 5 \
         --suspects runs/from_scratch/models/suspect-....safetensors runs/from_scratch/models/control-....safetensors
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,9 @@ from radioactive.marking import MarkingConfig
 from radioactive.networks import load_marking_network, load_suspect
 from radioactive.permutation import marked_pools, permutation_log10_pvalue, response_matrices
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/, for _common
+from _common import RESULTS, append_result, command_line  # noqa: E402
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,7 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=MarkingConfig.steps)
     p.add_argument("--suspects", type=Path, nargs="+", required=True)
     p.add_argument("--cache", type=Path, default=Path("runs/permutation"))
-    p.add_argument("--results", type=Path, default=Path("benchmarks/results/carrier_permutation.jsonl"))
+    p.add_argument("--results", type=Path, default=RESULTS / "carrier_permutation.jsonl")
     a = p.parse_args(argv)
     t0 = time.time()
     folder = list_image_folder(a.images)
@@ -63,12 +65,9 @@ def main(argv=None) -> int:
         row = {"suspect": str(s), "key_seed": a.key_seed, "pool": len(idx),
                "log10_p_black": permutation_log10_pvalue(black), "log10_p_white": permutation_log10_pvalue(white),
                "diag_minus_offdiag_black": float(np.trace(black) / len(black) - (black.sum() - np.trace(black)) / (black.size - len(black))),
-               "accuracy": meta.get("test_accuracy"), "seconds": time.time() - t0,
-               "command": "python benchmarks/carrier_permutation.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))}
+               "accuracy": meta.get("test_accuracy"), "seconds": time.time() - t0}
+        row = append_result(a.results, row, command_line(__file__, argv or sys.argv[1:]))
         print(json.dumps(row))
-        a.results.parent.mkdir(parents=True, exist_ok=True)
-        with open(a.results, "a") as f:
-            f.write(json.dumps(row) + "\n")
     return 0
 
 

@@ -4,11 +4,12 @@ Used when a new black-box statistic is added after models were trained: the mode
 read from the from-scratch cache, nothing is retrained. Appends one JSON line per (record, model) to
 --results with every black-box p-value the library reports.
 
-    python benchmarks/blackbox_rescore.py --record runs/from_scratch/marked-63829a0f94.record.jsonl \\
+    python benchmarks/studies/from_scratch/blackbox_rescore.py \\
+        --record runs/from_scratch/marked-63829a0f94.record.jsonl \\
         --models runs/from_scratch/models/suspect-63829a0f94-resnet18-30-0.05-1.safetensors ...
-    python benchmarks/blackbox_rescore.py --reproduce-cell lin-q20      # the cell's suspect and vanilla control
+    python benchmarks/studies/from_scratch/blackbox_rescore.py --reproduce-cell lin-q20   # the cell's suspect and control
 
-With --reproduce-cell the record, suspect and control come from benchmarks/reproduce.py's cache
+With --reproduce-cell the record, suspect and control come from benchmarks/studies/reproduce/reproduce.py's cache
 (runs/reproduce); a cell whose models are not cached is refused rather than trained.
 """
 
@@ -16,13 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
 
-from reproduce import append  # benchmarks/ is on sys.path when a script here runs
 from radioactive.blackbox import blackbox_detect
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/, for _common
+from _common import RESULTS, append_result, command_line, use_study  # noqa: E402
+use_study("reproduce")
 
 KEYS = ("paired_log10_pvalue", "control_log10_pvalue", "control_mirror_log10_pvalue", "median_loss_difference",
         "median_mirror_difference", "class_mean_mirror_difference", "num_marked_images", "num_holdout_images")
@@ -57,8 +60,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--record", type=Path)
     p.add_argument("--models", type=Path, nargs="+")
-    p.add_argument("--reproduce-cell", default=None, help="a cell id of benchmarks/reproduce.py (cached)")
-    p.add_argument("--results", type=Path, default=Path("benchmarks/results/blackbox_rescore.jsonl"))
+    p.add_argument("--reproduce-cell", default=None, help="a cell id of benchmarks/studies/reproduce/reproduce.py (cached)")
+    p.add_argument("--results", type=Path, default=RESULTS / "blackbox_rescore.jsonl")
     a = p.parse_args(argv)
     if a.reproduce_cell:
         a.record, a.models = reproduce_cell(a.reproduce_cell)
@@ -68,10 +71,8 @@ def main(argv=None) -> int:
         t0 = time.time()
         r = blackbox_detect(a.record, model)
         row = {"record": str(a.record), "model": str(model), "log10_pvalue": r.log10_pvalue,
-               **{k: r.extra.get(k) for k in KEYS}, "seconds": time.time() - t0,
-               "command": "python benchmarks/blackbox_rescore.py " + " ".join(
-                   shlex.quote(x) for x in ["--record", str(a.record), "--models", str(model)])}
-        append(a.results, row)
+               **{k: r.extra.get(k) for k in KEYS}, "seconds": time.time() - t0}
+        row = append_result(a.results, row, command_line(__file__, ["--record", str(a.record), "--models", str(model)]))
         print(json.dumps(row), flush=True)
     return 0
 

@@ -5,21 +5,22 @@ the key, the selection and marking, and the suspects' training, which uses seed 
 seed is appended to --results as it finishes (a finished seed is never rerun; a demo folder that already
 holds a summary.json is read, not rerun), so a stopped session loses at most the seed in progress.
 
-    python benchmarks/demo_replicates.py --seeds 0 1 2            # the from-scratch setting (make demo's)
-    python benchmarks/demo_replicates.py --seeds 0 --setting linear
+    python benchmarks/studies/from_scratch/demo_replicates.py --seeds 0 1 2     # the from-scratch setting (make demo's)
+    python benchmarks/studies/from_scratch/demo_replicates.py --seeds 0 --setting linear
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import shutil
 import sys
 from pathlib import Path
 
-from reproduce import append  # benchmarks/ is on sys.path when a script here runs
 from radioactive.demo import SETTINGS, DemoConfig, run_demo
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/, for _common
+from _common import RESULTS, append_result, command_line  # noqa: E402
 
 
 def row_of(summary: dict, seed: int, command: str, folder: Path | None = None) -> dict:
@@ -44,9 +45,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", required=True)
     p.add_argument("--setting", choices=SETTINGS, default=DemoConfig.setting)
     p.add_argument("--workdir", type=Path, default=Path("runs/demo_replicates"))
-    p.add_argument("--results", type=Path, default=Path("benchmarks/results/demo_replicates.jsonl"))
+    p.add_argument("--results", type=Path, default=RESULTS / "demo_replicates.jsonl")
     a = p.parse_args(argv)
-    command = "python benchmarks/demo_replicates.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
+    command = command_line(__file__, argv or sys.argv[1:])
     done = set()
     if a.results.is_file():
         done = {(r["setting"], r["seed"]) for r in map(json.loads, a.results.read_text().splitlines())}
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
                 shutil.rmtree(out)
             summary = run_demo(out, DemoConfig(setting=a.setting, seed=seed), progress=False)
         row = row_of(summary, seed, command, out)
-        append(a.results, row)
+        row = append_result(a.results, row, command)
         print(json.dumps(row), flush=True)
     return 0
 

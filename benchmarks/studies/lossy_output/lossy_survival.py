@@ -15,7 +15,7 @@ Two sources, because re-encoding a JPEG-born image behaves differently from enco
   to 128 x 128 (the downscaling erases their JPEG block grid) and saved as PNG, in 4 folders of 10 images,
   half of each marked (20 marked).
 
-    nice -n 19 .venv/bin/python benchmarks/lossy_survival.py              # about 6 min on 2 busy cores
+    nice -n 19 .venv/bin/python benchmarks/studies/lossy_output/lossy_survival.py              # about 6 min on 2 busy cores
 
 Prints one line per (source, format) and writes ``benchmarks/results/lossy_survival.json``.
 """
@@ -69,7 +69,7 @@ def imagenet128(dest: Path, n: int = 40, per_class: int = 10) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=MarkingConfig().steps)
-    ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "lossy_survival.json")
+    ap.add_argument("--results", type=Path, default=Path(__file__).resolve().parents[2] / "results" / "lossy_survival.json")
     args = ap.parse_args()
     config = MarkingConfig(steps=args.steps, threads=2)
     rows = []
@@ -111,7 +111,8 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps({
-        "command": "python benchmarks/lossy_survival.py" + (f" --steps {args.steps}" if args.steps != 50 else ""),
+        "command": ("python benchmarks/studies/lossy_output/lossy_survival.py"
+                    + (f" --steps {args.steps}" if args.steps != 50 else "")),
         "config": {"steps": config.steps, "linf": config.linf, "lambda_img": config.lambda_img, "fraction": 0.5},
         "python": sys.version.split()[0], "machine": platform.machine(), "rows": rows}, indent=1) + "\n")
 

@@ -5,7 +5,7 @@ and drowns the suspect's signal, although the test stays exact. Prints the mean 
 vanilla originals of the first --images marked images of a record, and the mean cosine of h with the image's
 carrier.
 
-    python benchmarks/gradient_norms.py --record demo-output/private/record.jsonl \
+    python benchmarks/studies/from_scratch/gradient_norms.py --record demo-output/private/record.jsonl \
         --key demo-output/private/key.safetensors --models demo-output/private/marking-network.safetensors \
         demo-output/models/marked.safetensors
 """

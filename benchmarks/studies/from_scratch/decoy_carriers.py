@@ -19,7 +19,7 @@ carrier is exchangeable with its decoys, so p_k is super-uniform, exactly; carri
 classes, so the p_k are independent and Fisher's combination is valid (conservative for these discrete
 p-values). The smallest reachable p is about (M + 1)^-K before combination.
 
-    python benchmarks/decoy_carriers.py --record runs/from_scratch/marked-6c22132bfb.record.jsonl \
+    python benchmarks/studies/from_scratch/decoy_carriers.py --record runs/from_scratch/marked-6c22132bfb.record.jsonl \
         --marker runs/from_scratch/models/control-vanilla-resnet18-30-0.05-0.safetensors --key-seed 1000 \
         --reference runs/from_scratch/models/control-vanilla-resnet18-30-0.05-3.safetensors \
         --suspects runs/from_scratch/models/suspect-6c22132bfb-resnet18-30-0.05-1.safetensors
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -39,12 +38,14 @@ import numpy as np
 import torch
 from scipy import stats as sstats
 
-from reproduce import append  # benchmarks/ is on sys.path when a script here runs
 from radioactive.blackbox import read_record
 from radioactive.data import load_rgb
 from radioactive.decoys import DecoyMarks, decoy_marks, mirror_statistics
 from radioactive.keys import generate_key
 from radioactive.networks import MarkingNetworkSpec
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/, for _common
+from _common import RESULTS, append_result, command_line  # noqa: E402
 
 
 def cached_marks(a, key) -> DecoyMarks:
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--decoy-seed", type=int, default=7)
     p.add_argument("--device", default="cpu", help="torch device of the marking (cpu, cuda)")
     p.add_argument("--cache", type=Path, default=Path("runs/decoy_carriers"))
-    p.add_argument("--results", type=Path, default=Path("benchmarks/results/decoy_carriers.jsonl"))
+    p.add_argument("--results", type=Path, default=RESULTS / "decoy_carriers.jsonl")
     a = p.parse_args(argv)
     header, _ = read_record(a.record)
     key = generate_key(header["classes"], MarkingNetworkSpec("trained", 32, path=str(a.marker)), seed=a.key_seed)
@@ -103,8 +104,7 @@ def main(argv=None) -> int:
                          "stouffer_log10_p_gaussian": float(sstats.norm.logsf(z.sum() / math.sqrt(len(z))) / math.log(10)),
                          "real_T": t[:, 0].round(4).tolist(), "decoy_T_mean": t[:, 1:].mean(1).round(4).tolist()}
         row["seconds"] = time.time() - t0
-        row["command"] = "python benchmarks/decoy_carriers.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
-        append(a.results, row)
+        row = append_result(a.results, row, command_line(__file__, argv or sys.argv[1:]))
         print(json.dumps(row), flush=True)
     return 0
 

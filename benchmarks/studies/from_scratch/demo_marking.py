@@ -1,33 +1,34 @@
 """The marking budget on the demo replicates: re-mark each replicate with another configuration, retrain its
 marked suspect, and run its gradient test.
 
-Each replicate folder (written by `radioactive demo` or benchmarks/demo_replicates.py) keeps its marking
+Each replicate folder (written by `radioactive demo` or benchmarks/studies/from_scratch/demo_replicates.py) keeps its marking
 network, key, selection (the demo's seed), vanilla control and references; only the marks change, so a
 reading moves only through the marking configuration. The suspect is trained with the demo's own recipe and
 seed (seed + 1), and tested with the replicate's own reference(s) (private/reference*.safetensors). One JSON
 line per replicate and configuration is appended to --results; a line already there is skipped (resume).
 
-    python benchmarks/demo_marking.py --demos demo-output runs/demo_replicates/from-scratch-seed{1,2} \
+    python benchmarks/studies/from_scratch/demo_marking.py --demos demo-output runs/demo_replicates/from-scratch-seed{1,2} \
         --lambda-img 0.55 --tag lam0.55
-    python benchmarks/demo_marking.py --demos ... --target-psnr 40.5 --tag psnr40.5
+    python benchmarks/studies/from_scratch/demo_marking.py --demos ... --target-psnr 40.5 --tag psnr40.5
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from reproduce import append  # benchmarks/ is on sys.path when a script here runs
 from radioactive.gradient import gradient_detect
 from radioactive.keys import Key
 from radioactive.marking import MARKING_PRESETS, mark_folder
 from radioactive.demo import DemoConfig
 from radioactive.training import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/, for _common
+from _common import RESULTS, append_result, command_line  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -40,9 +41,9 @@ def main(argv=None) -> int:
     p.add_argument("--views", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="Adam step in 8-bit levels")
     p.add_argument("--work", type=Path, default=Path("runs/demo_marking"))
-    p.add_argument("--results", type=Path, default=Path("benchmarks/results/demo_marking.jsonl"))
+    p.add_argument("--results", type=Path, default=RESULTS / "demo_marking.jsonl")
     a = p.parse_args(argv)
-    command = "python benchmarks/demo_marking.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
+    command = command_line(__file__, argv or sys.argv[1:])
     done = set()
     if a.results.exists():
         done = {(r["demo"], r["tag"]) for r in map(json.loads, a.results.read_text().splitlines())}
@@ -81,8 +82,8 @@ def main(argv=None) -> int:
                "references": [str(r) for r in refs],
                "shipped_log10_pvalue": summary["suspects"]["marked"]["log10_pvalue"],
                "control_log10_pvalue": control["log10_pvalue"],
-               "seconds": time.time() - t0, "command": command}
-        append(a.results, row)
+               "seconds": time.time() - t0}
+        row = append_result(a.results, row, command)
         print(json.dumps({k: row[k] for k in ("demo_seed", "tag", "psnr_db_mean", "accuracy", "log10_pvalue",
                                               "shipped_log10_pvalue")}), flush=True)
     return 0
