@@ -18,7 +18,8 @@ from .augment import AUGMENTATIONS
 from .data import OUTPUT_FORMATS, OutputFormat
 from .errors import RadioactiveError
 from .demo import SETTINGS, DemoConfig
-from .gradient import TEMPERATURE as GRADIENT_TEMPERATURE
+from .cli_detection import COMMANDS
+from .cli_detection import run as run_detection
 from .marking import MARKING_PRESETS, MarkingConfig
 from .networks import MarkingNetworkSpec
 from .training import TrainConfig
@@ -27,14 +28,6 @@ MC, TC, NS = MarkingConfig(), TrainConfig(), MarkingNetworkSpec()
 _PRESET_FIELDS = ("steps", "lr", "linf", "lambda_img", "lambda_ft", "augmentation", "views", "batch_size")
 
 
-_DETECT_COMMON = ("command", "method", "output", "alpha", "verbose")
-_DETECT_FLAGS = {  # the flags each detection method reads (any other given flag is refused)
-    "white-box": ("suspect", "key", "images", "ridge", "classes", "max_images", "layer", "decoys", "plot"),
-    "gradient": ("record", "key", "suspect", "reference", "classes", "source", "plot", "temperature"),
-    "decoy-carrier": ("record", "key", "suspect", "reference", "decoy_carriers", "per_class", "decoy_seed"),
-    "black-box": ("record", "suspect", "outputs", "classes", "mirror"),
-    "membership": ("record", "suspect", "outputs"),
-}
 
 
 def _preset_text(config: MarkingConfig) -> str:
@@ -116,15 +109,25 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--output", type=Path, required=True, help="key file to write (.safetensors); keep it secret")
 
     m = _sub(subs, "mark", "mark a fraction of an image folder and write a complete released copy",
-             "radioactive mark --source train/ --key key.safetensors --fraction 0.1 --output released/\n"
+             "radioactive mark --source train/ --key key.safetensors --fraction 0.1 --output released/train "
+             "--vault private/vault\n"
              "  torchrun --nproc_per_node=4 -m radioactive mark ... --device cuda   # 4 processes, same bytes "
              "(docs/distributed.md)")
     m.add_argument("--source", type=_existing, required=True,
                    help="image folder (class sub-folders), or the CIFAR-10 archive (its train split is marked)")
     m.add_argument("--key", type=_existing, required=True, help="key file from keygen")
     m.add_argument("--output", type=Path, required=True, help="folder of the released copy (created)")
-    m.add_argument("--record", type=Path, default=None,
-                   help="private record (JSON lines) of the marked images; default <output>.record.jsonl beside the copy")
+    m.add_argument("--vault", type=Path, required=True,
+                   help="the owner's private folder (created, mode 0700; files 0600): a copy of the key, the record, "
+                        "the holdout images, a manifest and the commitment; never inside the release or the source "
+                        "(docs/formats.md)")
+    m.add_argument("--known-vault", type=_existing, action="append", default=[],
+                   help="the vault of an earlier marking run (repeatable): a source holding an image it marked, or "
+                        "its release, is refused as a release of this tool (a release with a NOTICE.txt always is)")
+    m.add_argument("--allow-remark", action="store_true", help="mark a source that is a release of this tool anyway")
+    m.add_argument("--public-notice", action="store_true",
+                   help="write NOTICE.txt into the release: the dataset is marked (and the commitment), never which "
+                        "images; the one file of a release that is not an image")
     g = m.add_mutually_exclusive_group(required=True)
     g.add_argument("--fraction", type=_fraction, help="marked fraction q in (0, 1], chosen in every class")
     g.add_argument("--files", type=_existing, help="text file listing the relative paths to mark, one a line")
@@ -155,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="choose --lambda-img so that the marks' mean PSNR (before any lossy --output-format) is just "
                         "above this (dB), by marking a pilot of up to 200 of the images first (a minute or more on "
                         "CPU; again on --resume, with the same result on CPU); not with --lambda-img")
+    m.add_argument("--min-psnr", type=_nonneg_float, default=MC.min_psnr,
+                   help="per-image PSNR floor (dB): an image below it has its perturbation scaled down until it "
+                        "reaches it (the mean hides a tail); 0: no floor")
     g = m.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted run into a non-empty output folder: same arguments required; "
@@ -206,71 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trainer augmentation: pad-4 random crop + flip, or the same then TrivialAugmentWide")
     t.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
 
-    d = _sub(subs, "detect", "test a suspect: was it trained on data marked with this key?",
-             "radioactive detect --suspect suspect.safetensors --key key.safetensors --images test/ --output result.json\n"
-             "  radioactive detect --method black-box --record released.record.jsonl --outputs api-outputs.jsonl")
-    d.add_argument("--method", choices=("white-box", "gradient", "black-box", "membership", "decoy-carrier"),
-                   default="white-box",
-                   help="white-box: weights needed; gradient: a differentiable suspect, the record and the key "
-                        "(its input gradients read in the marking network's feature space; the white-box test "
-                        "for models trained from scratch, docs/concepts.md); black-box: outputs on marked and "
-                        "vanilla images only; membership: outputs on released and withheld images (mark "
-                        "--withhold-fraction); decoy-carrier: a runnable suspect, the record and the key (real "
-                        "carrier ranked among decoy carriers; the black-box test for models trained from scratch)")
-    d.add_argument("--suspect", type=_existing, default=None, help="suspect weights (.safetensors with its .json sidecar)")
-    d.add_argument("--key", type=_existing, default=None, help="key file (white-box)")
-    d.add_argument("--images", type=_existing, default=None,
-                   help="white-box: vanilla held-out image folder (never marked images) to fit the alignment, "
-                        "or the CIFAR-10 archive (its test split)")
-    d.add_argument("--record", type=_existing, default=None, help="black-box: the private record written by mark")
-    d.add_argument("--outputs", type=_existing, default=None,
-                   help="black-box: JSON lines or CSV of the suspect's outputs (path, logits or probs)")
-    d.add_argument("--mirror", type=_existing, default=None,
-                   help="black-box with --outputs: folder written by mirror-images (default <record>.mirror)")
-    d.add_argument("--output", type=Path, default=None, help="result JSON to write")
-    d.add_argument("--plot", type=Path, default=None, help="PNG of per-class cosines against the null density")
-    d.add_argument("--alpha", type=_alpha, default=1e-3, help="significance level of the verdict")
-    d.add_argument("--ridge", type=_nonneg_float, default=0.0, help="alignment ridge weight")
-    d.add_argument("--classes", default=None, help="test only these classes (comma-separated), e.g. the marked ones")
-    d.add_argument("--max-images", type=_positive_int, default=None, help="use at most this many images")
-    d.add_argument("--layer", default=None, help="white-box: name of the suspect's last linear layer "
-                                                 "(default: the sidecar's 'classifier', else the last nn.Linear)")
-    d.add_argument("--decoys", type=_nonneg_int, default=0,
-                   help="white-box: also score this many fresh random keys and report the real key's rank")
-    d.add_argument("--reference", type=_existing, nargs="+", default=[],
-                   help="gradient, decoy-carrier: vanilla model(s) trained without the key (recommended)")
-    d.add_argument("--source", type=_existing, default=None,
-                   help="gradient: the folder of vanilla originals, if it moved since marking (default: the record's)")
-    d.add_argument("--temperature", type=_temperature, default=GRADIENT_TEMPERATURE,
-                   help="gradient: T dividing the models' logits in the test's loss, in [0.1, 100]; fix it before "
-                        "testing (default %(default)g)")
-    d.add_argument("--decoy-carriers", type=_positive_int, default=29, help="decoy-carrier: decoys per class (M)")
-    d.add_argument("--per-class", type=_positive_int, default=20,
-                   help="decoy-carrier: released marked images per class (n)")
-    d.add_argument("--decoy-seed", type=_nonneg_int, default=0, help="decoy-carrier: seed of the decoy carriers")
+    from .cli_detection import add_commands
 
-    mi = _sub(subs, "mirror-images", "write the mirrors of the marked images (the mark subtracted) to query an API with",
-              "radioactive mirror-images --record released.record.jsonl   # then add their outputs to --outputs")
-    mi.add_argument("--record", type=_existing, required=True, help="the private record written by mark")
-    mi.add_argument("--output", type=Path, default=None,
-                    help="folder to create (default: <record>.mirror next to the record); keep it private")
-
-    c = _sub(subs, "calibrate", "check that keys a model never saw give uniform p-values",
-             "radioactive calibrate --suspect vanilla.safetensors --key key.safetensors --images test/ --keys 1000")
-    c.add_argument("--suspect", type=_existing, default=None, help="a model (default: random classifier weights)")
-    c.add_argument("--key", type=_existing, required=True,
-                   help="a key, for its marking network and classes (its carriers are not used)")
-    c.add_argument("--images", type=_existing, default=None, help="vanilla images to fit the alignment (with --suspect)")
-    c.add_argument("--keys", type=_positive_int, default=1000, help="fresh keys to score")
-    c.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the fresh keys")
-    c.add_argument("--output", type=Path, default=None, help="result JSON to write")
-
-    r = _sub(subs, "report", "one self-contained HTML report of a detection result",
-             "radioactive report --result result.json --record released.record.jsonl --output report.html")
-    r.add_argument("--result", type=_existing, required=True, help="result JSON written by detect --output")
-    r.add_argument("--record", type=_existing, default=None,
-                   help="private record of the marking: adds PSNR distribution and example images")
-    r.add_argument("--output", type=Path, required=True, help="HTML file to write")
+    add_commands(subs, _sub, _existing, _alpha, _positive_int, _nonneg_int)
 
     e = _sub(subs, "demo", "the whole story on CIFAR-10: keygen, mark, train a suspect and a control, detect, report",
              "radioactive demo --output-dir demo-output  # from scratch, ~35 min on 2 CPU cores\n"
@@ -330,7 +274,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from .marking.distributed import from_env, shutdown
 
         given = {k: getattr(args, k) for k in _PRESET_FIELDS if hasattr(args, k)}  # flags the user gave
-        cfg = dataclasses.replace(MARKING_PRESETS[args.preset], threads=args.threads, **given)
+        cfg = dataclasses.replace(MARKING_PRESETS[args.preset], threads=args.threads, min_psnr=args.min_psnr, **given)
         if args.output_format != "png" and not args.allow_lossy:
             parser.error(f"--output-format {args.output_format} is lossy and weakens the mark; add --allow-lossy to "
                          "accept that (the share of the mark that survives is then measured), or keep png")
@@ -346,12 +290,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         try:
             if args.target_psnr is not None:
                 cfg = _calibrated(args, cfg, files, ranks)
-            summary = mark_folder(_folder_or_archive(args.source), Key.load(args.key), args.output, args.record,
+            summary = mark_folder(_folder_or_archive(args.source), Key.load(args.key), args.output, vault=args.vault,
                                   fraction=args.fraction, files=files, seed=args.seed, config=cfg,
                                   overwrite=args.overwrite, resume=args.resume, progress=sys.stderr.isatty(),
                                   device=args.device, holdout_fraction=args.holdout_fraction, strict=args.strict,
                                   withhold_fraction=args.withhold_fraction, metrics=args.metrics, ranks=ranks,
-                                  output_format=fmt)
+                                  output_format=fmt, known_vaults=tuple(args.known_vault),
+                                  allow_remark=args.allow_remark, public_notice=args.public_notice)
         except RadioactiveError:
             if ranks.rank != 0:  # every rank fails alike; rank 0 says why, once
                 raise SystemExit(1) from None
@@ -360,27 +305,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             shutdown()
         if ranks.rank != 0:
             return 0
-        total = (summary.num_marked + summary.num_copied + summary.num_withheld + summary.num_skipped
-                 + len(summary.ignored))
-        print(f"{total} files: {summary.num_marked} marked, {summary.num_copied} copied"
-              f"{f' (incl. {summary.num_holdout} holdout: marked privately, released vanilla)' if summary.num_holdout else ''}, "
-              f"{f'{summary.num_withheld} withheld (not released), ' if summary.num_withheld else ''}"
-              f"{summary.num_skipped} skipped, {len(summary.ignored)} ignored (not images); "
-              f"PSNR {summary.psnr_db_mean or float('nan'):.2f} dB", file=sys.stderr)
-        if summary.psnr_db_released_mean is not None:
-            print(f"lossy output ({summary.output_format}): released images (marked or not) as decoded: PSNR "
-                  f"{summary.psnr_db_released_mean:.2f} dB (5th percentile {summary.psnr_db_released_p5:.2f} dB) "
-                  "against their sources; the PSNR above is the marked images' before encoding", file=sys.stderr)
-        if summary.output_format != "png" and summary.mark_survival is None and summary.num_marked:
-            print(f"lossy output ({summary.output_format}): no mark to measure (the marked images moved no "
-                  "feature along their carrier before encoding)", file=sys.stderr)
-        if summary.mark_survival is not None:
-            print(f"lossy output ({summary.output_format}): the released marked images keep "
-                  f"{100 * summary.mark_survival:.1f} % of the mark's feature shift along the carrier "
-                  f"({summary.carrier_shift_mean:.4f} of {summary.carrier_shift_lossless_mean:.4f}, mean over "
-                  f"{summary.num_marked} images, marking network, centre view); a lossless png keeps 100 %",
-                  file=sys.stderr)
+        print("\n".join(summary.lines()), file=sys.stderr)
         _emit(summary.to_dict())
+        summary.check_marked()  # no image carries the mark: one line, exit 1
     elif args.command == "train":
         from .training import default_lr, train
 
@@ -395,85 +322,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                           temperature=TC.temperature if args.temperature is None else args.temperature,
                           augmentation=args.augmentation)
         _emit(train(_folder_or_archive(args.train), _folder_or_archive(args.test, "test"), args.output, cfg, progress=sys.stderr.isatty(), device=args.device).to_dict())
-    elif args.command == "detect":
-        from .keys import Key
-        from .report import plot_cosines
-
-        defaults = vars(parser.parse_args(["detect"]))
-        unused = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
-                  if k in defaults and v != defaults[k] and k not in _DETECT_FLAGS[args.method] + _DETECT_COMMON]
-        if unused:
-            verb = "does" if len(unused) == 1 else "do"
-            parser.error(f"{', '.join(unused)} {verb} not apply to --method {args.method}; it takes "
-                         + ", ".join(f"--{k.replace('_', '-')}" for k in _DETECT_FLAGS[args.method]))
-        only = [c.strip() for c in args.classes.split(",")] if args.classes else None
-        if args.method == "white-box":
-            from .detection import detect
-
-            if args.suspect is None or args.key is None or args.images is None:
-                parser.error("white-box detection needs --suspect, --key and --images")
-            result = detect(args.suspect, Key.load(args.key), _folder_or_archive(args.images, "test"), alpha=args.alpha, ridge=args.ridge,
-                            only_classes=only, max_images=args.max_images, decoys=args.decoys, layer=args.layer)
-        elif args.method == "gradient":
-            from .gradient import gradient_detect
-
-            if args.record is None or args.suspect is None or args.key is None:
-                parser.error("gradient detection needs --record, --key and --suspect")
-            result = gradient_detect(args.record, Key.load(args.key), args.suspect, args.reference, alpha=args.alpha,
-                                     only_classes=only, source_root=args.source, temperature=args.temperature)
-        elif args.method == "decoy-carrier":
-            from .decoys import decoy_carrier_detect
-
-            if args.record is None or args.suspect is None or args.key is None:
-                parser.error("decoy-carrier detection needs --record, --key and --suspect")
-            result = decoy_carrier_detect(args.record, Key.load(args.key), args.suspect, args.reference,
-                                          per_class=args.per_class, decoys=args.decoy_carriers, seed=args.decoy_seed,
-                                          alpha=args.alpha)
-        else:
-            from .blackbox import blackbox_detect, membership_detect
-
-            if args.record is None or (args.suspect is None) == (args.outputs is None):
-                parser.error(f"{args.method} detection needs --record and one of --suspect or --outputs")
-            if args.mirror is not None and args.outputs is None:
-                parser.error("--mirror goes with --outputs (the suspect's outputs on the mirror images)")
-            if args.method == "membership":
-                result = membership_detect(args.record, args.suspect, args.outputs, alpha=args.alpha)
-            else:
-                result = blackbox_detect(args.record, args.suspect, args.outputs, alpha=args.alpha, only_classes=only,
-                                         mirror_root=args.mirror)
-        if args.plot:
-            plot_cosines(result, args.plot)
-        if args.output:
-            result.save(args.output)
-        print(result.verdict(), file=sys.stderr)
-        _emit(result.to_dict())
-    elif args.command == "mirror-images":
-        from .blackbox import write_mirror_images
-
-        _emit(write_mirror_images(args.record, args.output))
-    elif args.command == "calibrate":
-        from .calibration import calibrate_weights, random_weights
-        from .data import atomic_write_bytes
-        from .detection import pull_back
-        from .keys import Key
-
-        key = Key.load(args.key)
-        if args.suspect is None:
-            w, name = random_weights(len(key.classes), key.dim, args.seed + 1), f"random weights {len(key.classes)}x{key.dim}"
-        else:
-            if args.images is None:
-                parser.error("calibrating a suspect needs --images (vanilla images for the alignment)")
-            w, name = pull_back(args.suspect, key, _folder_or_archive(args.images, "test"))[0], str(args.suspect)
-        result = calibrate_weights(w, args.keys, args.seed, name).to_dict()
-        if args.output:
-            atomic_write_bytes(args.output, json.dumps(result, indent=2).encode())
-        _emit(result)
-    elif args.command == "report":
-        from .detection import DetectionResult
-        from .report import html_report
-
-        path = html_report(DetectionResult.load(args.result), args.output, args.record)
-        _emit({"report": str(path)})
+    elif args.command in COMMANDS:
+        _emit(run_detection(args, parser))
     elif args.command == "demo":
         from .demo import run_demo
 
@@ -484,14 +334,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                          marking=dataclasses.replace(base.marking, steps=args.steps),
                          training=dataclasses.replace(base.training, epochs=args.epochs, seed=args.seed))
         summary = run_demo(args.output_dir, cfg, archive=args.data, progress=sys.stderr.isatty())
-        rows = [f"{'suspect':<10} {'accuracy':>9} {'log10 p':>9}  verdict ({summary['setting']}, {base.training.recipe} "
-                f"trainer, {next(iter(summary['suspects'].values()))['test']} test)"]
         for name, s in summary["suspects"].items():
-            rows.append(f"{name:<10} {100 * s['accuracy']:>8.2f}% {s['log10_pvalue']:>9.2f}  "
-                        f"{'detected' if s['detected'] else 'not detected'}")
-        print("\n".join(rows), file=sys.stderr)
-        print(f"PSNR {summary['psnr_db_mean']:.2f} dB, linf {summary['linf_max']}, "
-              f"{summary['seconds']:.0f} s; report: {Path(args.output_dir) / 'report.md'}", file=sys.stderr)
+            print(f"{name:<8} accuracy {100 * s['accuracy']:.2f} %: {s['verdict']}", file=sys.stderr)
+        print(f"PSNR {summary['psnr_db_mean']:.2f} dB, linf {summary['linf_max']}, {summary['seconds']:.0f} s; release "
+              f"{Path(args.output_dir) / summary['release']} (publish), vault {Path(args.output_dir) / summary['vault']} "
+              f"(private, 0700); report: {Path(args.output_dir) / 'report.md'}", file=sys.stderr)
         _emit({k: summary[k] for k in ("setting", "dataset", "marked_fraction", "psnr_db_mean", "linf_max", "suspects",
                                        "seconds")})
     return 0

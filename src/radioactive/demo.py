@@ -1,16 +1,16 @@
-"""The whole story on the built-in CIFAR-10 data: keygen, mark, train, detect, report.
+"""The whole story on the built-in CIFAR-10 data: keygen, mark, train, audit, report.
 
 Two settings, each with its measured best configuration:
 
 * ``from-scratch`` (default): the trainer trains a ResNet-18 from random initialisation, the setting of most
-  real suspects (docs/from-scratch.md). The owner first trains an in-domain marking network on the vanilla
+  real suspects (docs/results.md, "Models trained from scratch"). The owner first trains an in-domain marking network on the vanilla
   images, draws the key in its feature space, marks with the ``from-scratch`` preset (the trainer's pad-crop
   + flip while marking) with lambda_img calibrated to a 40.5 dB mean PSNR, trains one or more vanilla models
-  as references, and tests each suspect with the gradient test (white-box, exact p-value) and with the paired
-  black-box loss test.
+  as references, fixes the audit plan (the gradient test with those references) in the vault, and audits each
+  suspect: one verdict per suspect.
 * ``linear``: the trainer fits a linear classifier on the frozen features of the public marking network
-  (EfficientNet-Lite0); the classic white-box test (alignment, cosines, decoy keys) and the paired
-  black-box test (docs/results.md).
+  (EfficientNet-Lite0); the audit plan holds the classic white-box test (alignment, cosines, decoy keys)
+  (docs/results.md).
 """
 
 from __future__ import annotations
@@ -22,15 +22,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from . import __version__
-from .blackbox import blackbox_detect
 from .data import atomic_write_bytes, cifar10_subset
-from .detection import DetectionResult, detect
 from .errors import RadioactiveError
-from .gradient import gradient_detect
 from .keys import generate_key
 from .marking import MARKING_PRESETS, MarkingConfig, calibrate_lambda_img, mark_folder
 from .networks import MarkingNetworkSpec
-from .report import html_report, markdown_report, plot_cosines
+from .report import markdown_report, plot_cosines
 from .training import TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -115,14 +112,30 @@ class DemoConfig:
                        target_psnr=_TARGET_PSNR[self.setting] if self.target_psnr is None else self.target_psnr)
 
 
+def _private(trained) -> None:
+    """The owner's models are private: 0600, like every file of the vault."""
+    from .networks import sidecar_path
+
+    for p in (Path(trained.weights), sidecar_path(Path(trained.weights))):
+        if p.is_file():
+            p.chmod(0o600)
+
+
 def run_demo(output_dir: str | Path, config: DemoConfig = DemoConfig(), archive: str | Path | None = None,
              progress: bool = True) -> dict:
-    """Run the demo and write ``summary.json``, ``report.md`` and plots into ``output_dir``.
+    """Run the demo and write ``summary.json``, ``report.md`` and the audits into ``output_dir``.
 
-    Layout of ``output_dir``: ``data/vanilla/{train,test}`` (the CIFAR-10
-    slice), ``data/released/train`` (the released copy), ``private/`` (key, record and, for
-    ``from-scratch``, the marking network and the references: secret), ``models/`` (suspects), ``detect-*.json``,
-    ``cosines-*.png``, ``report-*.html`` (self-contained), ``summary.json``, ``report.md``.
+    Layout of ``output_dir``:
+
+    * ``data/vanilla/{train,test}``: the owner's CIFAR-10 slice (originals);
+    * ``release/train``: the released copy (images only: publish this folder);
+    * ``vault/`` (0700, files 0600): the key, the record, the audit plan, the manifest, the commitment and, for
+      ``from-scratch``, the marking network and the references (``vault/references/``): keep it private;
+    * ``models/``: the trainer's suspects (marked, vanilla);
+    * ``audit-*.json`` and ``audit-*.html`` (self-contained), ``cosines-*.png``, ``summary.json``, ``report.md``.
+
+    Each suspect gets one audit verdict (:func:`radioactive.detection.audit.audit_vault`) from the tests of the
+    vault's plan: the gradient test for ``from-scratch``, the white-box test (with decoy keys) for ``linear``.
 
     Returns:
         the summary dictionary.
@@ -130,6 +143,12 @@ def run_demo(output_dir: str | Path, config: DemoConfig = DemoConfig(), archive:
     Raises:
         RadioactiveError: data not found, output folder not empty.
     """
+    from .detection import SuspectAccess
+    from .detection.audit import audit_vault
+    from .detection.plan import change_plan
+    from .report import audit_html
+    from .vault import make_private_dir
+
     t0 = time.time()
     config = config.resolved()
     out = Path(output_dir)
@@ -138,24 +157,27 @@ def run_demo(output_dir: str | Path, config: DemoConfig = DemoConfig(), archive:
     train_dir, test_dir = cifar10_subset(out / "data" / "vanilla", config.train_per_class, config.test_per_class,
                                          archive)
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    vault = make_private_dir(out / "vault")
     marker, references = None, []
     if config.setting == "from-scratch":  # the owner's in-domain marking network, trained on the vanilla images
-        marker = train(train_dir, test_dir, out / "private" / "marking-network.safetensors",
+        marker = train(train_dir, test_dir, vault / "marking-network.safetensors",
                        replace(config.training, seed=config.seed), progress=progress)
+        _private(marker)
         network = MarkingNetworkSpec("trained", 32, path=str(Path(marker.weights).resolve()))
         trainer = replace(config.training, seed=config.seed + 1)
         # The gradient test's vanilla reference: the trainer's recipe on the vanilla images with another seed. The
         # marking network would be a valid reference too, but a weak one: its own loss gradient, pulled back
         # through its own features, is several times larger than a suspect's and swamps the per-class sums
-        # (docs/from-scratch.md, "The demo").
-        references = [train(train_dir, test_dir, out / "private" / f"reference{'' if i == 0 else i + 1}.safetensors",
-                            replace(config.training, seed=config.seed + 2 + i), progress=progress)
-                      for i in range(config.references)]
+        # (benchmarks/studies/from_scratch/NOTES.md, "The demo").
+        make_private_dir(vault / "references")
+        for i in range(config.references):
+            references.append(train(train_dir, test_dir, vault / "references" / f"reference{i + 1}.safetensors",
+                                    replace(config.training, seed=config.seed + 2 + i), progress=progress))
+            _private(references[-1])
     else:
         network, trainer = config.training.backbone, replace(config.training, seed=config.seed)
     key = generate_key(classes, network, seed=config.seed)
-    key_path = key.save(out / "private" / "key.safetensors")
-    released = out / "data" / "released" / "train"
+    released = out / "release" / "train"
     marking, calibration = config.marking, None
     if config.target_psnr:
         calibration = calibrate_lambda_img(train_dir, key, config.target_psnr, fraction=config.marked_fraction,
@@ -163,26 +185,28 @@ def run_demo(output_dir: str | Path, config: DemoConfig = DemoConfig(), archive:
         marking = replace(marking, lambda_img=calibration.lambda_img)
         config = replace(config, marking=marking)  # the summary records the weight used
         log.info("lambda_img %.4g: pilot mean PSNR %.2f dB", calibration.lambda_img, calibration.psnr_db_mean)
-    mark = mark_folder(train_dir, key, released, record=out / "private" / "record.jsonl",
-                       fraction=config.marked_fraction, seed=config.seed, config=marking, progress=progress)
+    mark = mark_folder(train_dir, key, released, vault=vault, fraction=config.marked_fraction, seed=config.seed,
+                       config=marking, progress=progress)
     log.info("marked %d images: PSNR %.2f dB", mark.num_marked, mark.psnr_db_mean)
-    suspects = {}
-    plots = {}
+    # the audit plan, fixed before any suspect is trained or tested
+    if references:
+        change_plan(vault, references=[r.weights for r in references], methods=["gradient"], alpha=config.alpha)
+    else:
+        change_plan(vault, methods=["white-box"], alpha=config.alpha,
+                    settings={"white-box": {"decoy_keys": config.decoys, "decoy_seed": config.seed}})
+    suspects, plots = {}, {}
     for name, data in (("marked", released), ("vanilla", train_dir)):
         trained = train(data, test_dir, out / "models" / f"{name}.safetensors", trainer, progress=progress)
-        if references:
-            result = gradient_detect(mark.record, key, trained.weights, reference=[r.weights for r in references],
-                                     alpha=config.alpha)
-        else:
-            result = detect(trained.weights, key, test_dir, alpha=config.alpha, decoys=config.decoys,
-                            decoy_seed=config.seed)
-        result.save(out / f"detect-{name}.json")
-        black = blackbox_detect(mark.record, trained.weights, alpha=config.alpha)
-        black.save(out / f"detect-blackbox-{name}.json")
-        html_report(result, out / f"report-{name}.html", mark.record)
-        plots[name] = plot_cosines(result, out / f"cosines-{name}.png",
-                                   f"suspect trained on {name} data: log10 p = {result.log10_pvalue:.2f}").name
-        suspects[name] = _suspect_row(result, black, trained, str(data.relative_to(out)))
+        result = audit_vault(vault, SuspectAccess.of_model(trained.weights),
+                             images=None if references else test_dir, commitment=mark.commitment)
+        result.save(out / f"audit-{name}.json")
+        audit_html(result, out / f"audit-{name}.html", vault)
+        main = result.tests[0] if result.tests else None
+        if main is not None and main.cosines:
+            plots[name] = plot_cosines(main, out / f"cosines-{name}.png",
+                                       f"suspect trained on {name} data: {main.method} log10 p = "
+                                       f"{main.log10_pvalue:.2f}").name
+        suspects[name] = _suspect_row(result, trained, str(data.relative_to(out)))
     summary = {
         "package_version": __version__,
         "setting": config.setting,
@@ -190,7 +214,9 @@ def run_demo(output_dir: str | Path, config: DemoConfig = DemoConfig(), archive:
         "marked_fraction": config.marked_fraction,
         "psnr_db_mean": mark.psnr_db_mean, "psnr_db_p5": mark.psnr_db_p5, "linf_max": mark.linf_max,
         "alpha": config.alpha,
-        "key": {"path": str(key_path.relative_to(out)), "fingerprint": key.fingerprint,
+        "release": str(released.relative_to(out)), "vault": str(vault.relative_to(out)),
+        "commitment": mark.commitment,
+        "key": {"path": str((vault / "key.safetensors").relative_to(out)), "fingerprint": key.fingerprint,
                 "network": key.network.to_dict()},
         "marking_network": None if marker is None else _model_row(marker, out),
         "references": [_model_row(r, out) for r in references],
@@ -211,13 +237,18 @@ def _model_row(trained, out: Path) -> dict:
             "train_seconds": trained.seconds}
 
 
-def _suspect_row(result: DetectionResult, black: DetectionResult, trained, trained_on: str) -> dict:
-    """One suspect's line of the summary: its accuracy and each test's reading."""
+def _suspect_row(result, trained, trained_on: str) -> dict:
+    """One suspect's line of the summary: its accuracy, the audit's verdict and each test's reading."""
     return {
-        "trained_on": trained_on, "accuracy": trained.test_accuracy, "test": result.method,
-        "log10_pvalue": result.log10_pvalue, "pvalue": result.pvalue_text, "detected": result.detected,
-        "alignment_r2": result.alignment_r2,
-        "decoy_empirical_log10_pvalue": result.extra.get("decoys", {}).get("empirical_log10_pvalue"),
-        "blackbox_log10_pvalue": black.log10_pvalue, "blackbox_detected": black.detected,
-        "train_seconds": trained.seconds, "detect_seconds": result.seconds,
+        "trained_on": trained_on, "accuracy": trained.test_accuracy,
+        "test": "audit (" + ", ".join(t.method for t in result.tests) + ")",
+        "log10_pvalue": result.log10_pvalue, "detected": result.detected, "verdict": result.verdict(),
+        "tests": {t.method: {"validity": t.validity, "log10_pvalue": t.log10_pvalue,
+                             "adjusted_log10_pvalue": result.adjusted_log10_pvalues.get(t.method)}
+                  for t in result.tests},
+        "not_run": result.not_run,
+        "decoy_empirical_log10_pvalue": next((t.details.decoys.empirical_log10_pvalue for t in result.tests
+                                              if getattr(t.details, "decoys", None)), None),
+        "commitment_matches": result.vault.get("commitment_matches"),
+        "train_seconds": trained.seconds, "audit_seconds": result.seconds,
     }
