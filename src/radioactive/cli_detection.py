@@ -86,8 +86,17 @@ def _suspect_flags(p, existing) -> None:
     g.add_argument("--labels", type=existing, default=None,
                    help="the suspect's top-k labels only (no valid label-only test exists yet: refused)")
     p.add_argument("--output-classes", default=None,
-                   help="with --outputs: the suspect's class names in output order, comma-separated (default: the "
-                        "record's)")
+                   help="with --outputs or --arch: the suspect's class names in output order, comma-separated "
+                        "(default: the key's order)")
+    p.add_argument("--arch", default=None,
+                   help="with --suspect: a state dict without sidecar; its architecture (a torchvision name such as "
+                        "resnet18, resnet18_cifar, or timm:<name> with the optional extra timm)")
+    p.add_argument("--image-size", type=int, default=None, help="with --arch: side in px the suspect expects "
+                                                                "(default: the key's marking network's)")
+    p.add_argument("--mean", default=None, help="with --arch: input mean, three comma-separated numbers "
+                                                "(default: ImageNet's)")
+    p.add_argument("--std", default=None, help="with --arch: input std, three comma-separated numbers "
+                                               "(default: ImageNet's)")
 
 
 def add_commands(subs, sub, existing, alpha_type, positive_int, nonneg_int) -> None:
@@ -178,12 +187,39 @@ def _folder_or_archive(p):
     return f(p, "test") if p is not None else None
 
 
-def _suspect(args, parser):
+def _triple(text: str | None, default):
+    if text is None:
+        return default
+    try:
+        v = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise RadioactiveError(f"expected three comma-separated numbers, got {text!r}") from None
+    if len(v) != 3:
+        raise RadioactiveError(f"expected three comma-separated numbers, got {text!r}")
+    return v
+
+
+def _suspect(args, parser, key=None):
     from .detection import SuspectAccess
+    from .suspects import IMAGENET_MEAN, IMAGENET_STD, state_dict_suspect
 
     if args.labels is not None:
         raise RadioactiveError("no valid label-only test exists yet (labels-only access); give --outputs with logits "
                                "or probabilities, or --suspect")
+    if args.arch is not None:
+        if args.suspect is None:
+            parser.error("--arch describes the state dict given with --suspect")
+        classes = _classes(args.output_classes) or (tuple(key.classes) if key is not None else None)
+        if classes is None:
+            parser.error("--arch needs the class order: give --output-classes (or the key)")
+        size = args.image_size or (key.network.image_size if key is not None else None)
+        if not size:
+            parser.error("--arch needs --image-size")
+        path = state_dict_suspect(args.suspect, args.arch, list(classes), size,
+                                  _triple(args.mean, IMAGENET_MEAN), _triple(args.std, IMAGENET_STD))
+        return SuspectAccess.of_model(path)
+    if any(getattr(args, k) is not None for k in ("image_size", "mean", "std")):
+        parser.error("--image-size, --mean and --std describe a state dict given with --arch")
     if args.suspect is not None:
         return SuspectAccess.of_model(args.suspect)
     if args.outputs is not None:
@@ -240,7 +276,10 @@ def run_audit(args, parser) -> dict:
         parser.error("audit reads the owner's vault: give --vault (written by mark)")
     if args.key is not None or args.record is not None:
         parser.error("--vault holds the key and the record: do not give --key or --record")
-    result = audit_vault(args.vault, _suspect(args, parser), _folder_or_archive(args.images), _given_settings(args),
+    from .vault import open_vault
+
+    suspect = _suspect(args, parser, open_vault(args.vault).load_key())
+    result = audit_vault(args.vault, suspect, _folder_or_archive(args.images), _given_settings(args),
                          args.alpha, args.reference, args.commitment, args.source, args.mirror)
     if args.output:
         result.save(args.output)
@@ -260,6 +299,7 @@ def _one_test(args, parser):
     """The entry, owner, suspect and config of ``detect``/``calibrate``, with plan overrides recorded."""
     import dataclasses as dc
 
+    from .detection import list_methods
     from .detection.audit import apply_overrides
     from .detection.plan import AuditPlan
     from .detection.registry import check_config, get_method
@@ -285,7 +325,12 @@ def _one_test(args, parser):
         changed.append(f"alpha: {plan.alpha:g} -> {args.alpha:g}")
     if plan is not None and args.reference is not None:
         changed.append(f"references: {list(plan.references)} -> {[str(r) for r in args.reference]}")
-    return entry, _owner(args, plan), _suspect(args, parser), config, alpha, changed
+    owner = _owner(args, plan)
+    suspect = _suspect(args, parser, owner.key)
+    if not entry.fits(suspect.kind):
+        raise RadioactiveError(f"{entry.name} needs {' or '.join(entry.access)} access; this suspect offers "
+                               f"{suspect.kind} access (tests that fit: {', '.join(list_methods(suspect.kind))})")
+    return entry, owner, suspect, config, alpha, changed
 
 
 def run_detect(args, parser) -> dict:

@@ -277,14 +277,18 @@ def build_architecture(arch: str, num_classes: int) -> nn.Module:
     """Randomly initialised architecture by name.
 
     Args:
-        arch: ``resnet18_cifar`` or any ``torchvision.models`` classifier name
-            (``vgg11_bn``, ``mobilenet_v3_small``, ...).
+        arch: ``resnet18_cifar``, any ``torchvision.models`` classifier name
+            (``vgg11_bn``, ``mobilenet_v3_small``, ...), or ``timm:<name>`` (optional extra ``timm``).
 
     Raises:
         RadioactiveError: unknown name.
     """
     if arch == "resnet18_cifar":
         return resnet18_cifar(num_classes)
+    if arch.startswith("timm:"):
+        from .suspects import build_timm
+
+        return build_timm(arch[len("timm:"):], num_classes)
     try:
         return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     except (ValueError, KeyError) as e:
@@ -382,7 +386,15 @@ def load_suspect(weights: str | Path, sidecar: str | Path | None = None,
         RadioactiveError: missing files, unsafe or malformed weights, or
             weights that do not match the described architecture.
     """
+    from .suspects import is_hf_folder, load_hf
+
     weights = Path(weights)
+    if is_hf_folder(weights):
+        model, meta = load_hf(weights)
+        net = FeatureNetwork(model, Preprocessing.from_dict(meta["preprocessing"]), layer, name=meta["architecture"])
+        if net.num_classes != len(meta["classes"]):
+            raise RadioactiveError(f"layer {net.classifier_name!r} of {weights} is not its classifier; name it")
+        return freeze(net), meta
     sidecar = Path(sidecar) if sidecar else sidecar_path(weights)
     if not weights.is_file():
         raise RadioactiveError(f"suspect weights not found: {weights}")
@@ -395,6 +407,9 @@ def load_suspect(weights: str | Path, sidecar: str | Path | None = None,
         backbone_spec = MarkingNetworkSpec(**meta["backbone"]) if arch == "linear" else None
     except (ValueError, KeyError, TypeError) as e:
         raise RadioactiveError(f"{sidecar} is not a suspect description (missing or bad {e})") from e
+    if arch == "onnx":
+        raise RadioactiveError(f"{weights} is ONNX: it runs but its weights cannot be read or differentiated, so only "
+                               "the tests with runnable or outputs access apply")
     if arch == "torchscript":
         if "preprocessing" not in meta:
             raise RadioactiveError(f"{sidecar} lacks 'preprocessing' (image_size, mean, std)")
@@ -425,8 +440,9 @@ def load_suspect(weights: str | Path, sidecar: str | Path | None = None,
 
 
 def load_runnable(weights: str | Path, sidecar: str | Path | None = None) -> tuple[nn.Module, dict]:
-    """A suspect that only needs to run (black-box): what :func:`load_suspect` reads, or a TorchScript
-    file described by a sidecar with ``architecture: "torchscript"``, ``classes`` and ``preprocessing``.
+    """A suspect that only needs to run (black-box): what :func:`load_suspect` reads (weights + sidecar, TorchScript,
+    a Hugging Face folder), or an ONNX file described by a sidecar with ``architecture: "onnx"``, ``classes`` and
+    ``preprocessing`` (:mod:`radioactive.suspects`).
 
     Returns:
         a module mapping (B, 3, H, W) images in [0, 1] to (B, K) outputs, in eval mode, and the sidecar.
@@ -434,12 +450,18 @@ def load_runnable(weights: str | Path, sidecar: str | Path | None = None) -> tup
     Raises:
         RadioactiveError: as :func:`load_suspect`, or a TorchScript file that does not load.
     """
+    from .suspects import is_hf_folder, load_onnx
+
     weights = Path(weights)
+    if is_hf_folder(weights):
+        return load_suspect(weights)
     side = Path(sidecar) if sidecar else sidecar_path(weights)
     try:
         meta = json.loads(side.read_text())
     except (OSError, ValueError) as e:
         raise RadioactiveError(f"suspect description not readable: {side} ({e})") from e
+    if isinstance(meta, dict) and meta.get("architecture") == "onnx":
+        return load_onnx(weights, meta), meta
     if isinstance(meta, dict) and meta.get("architecture") == "torchscript":
         scripted = _load_torchscript(weights)
         if "classes" not in meta or "preprocessing" not in meta:

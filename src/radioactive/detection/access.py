@@ -66,15 +66,18 @@ class SuspectAccess:
 
     @classmethod
     def of_model(cls, path: str | Path) -> SuspectAccess:
-        """Access to a model file: ``weights`` when its sidecar describes a classifier whose last linear layer can
-        be read, else ``runnable``.
+        """Access to a model: ``weights`` for weights + sidecar, TorchScript + sidecar or a Hugging Face folder
+        (they can be read and differentiated), ``runnable`` for ONNX (it only runs).
 
         Raises:
             RadioactiveError: no such file, or no readable sidecar beside it.
         """
         from ..networks import sidecar_path
+        from ..suspects import is_hf_folder
 
         path = Path(path)
+        if is_hf_folder(path):
+            return cls("weights", path=path)
         if not path.is_file():
             raise RadioactiveError(f"suspect not found: {path}")
         side = sidecar_path(path)
@@ -84,7 +87,7 @@ class SuspectAccess:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise RadioactiveError(f"suspect description not readable: {side} ({e}); write one with 'architecture', "
                                    "'classes' and 'preprocessing' (docs/formats.md)") from e
-        return cls("weights", path=path)
+        return cls("runnable" if meta.get("architecture") == "onnx" else "weights", path=path)
 
     @classmethod
     def of_outputs(cls, path: str | Path, classes: list[str] | tuple[str, ...] | None = None) -> SuspectAccess:
@@ -99,6 +102,10 @@ class SuspectAccess:
         from ..data import sha256_file
 
         p = self.path or self.outputs
+        if p is not None and Path(p).is_symlink():  # a state dict given with --arch: the user's own file
+            p = Path(p).resolve()
+        if p is not None and Path(p).is_dir():
+            p = Path(p) / "model.safetensors"
         return {"access": self.kind, "path": None if p is None else str(p),
                 "sha256": sha256_file(p) if p is not None and Path(p).is_file() else None}
 

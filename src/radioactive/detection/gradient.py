@@ -298,7 +298,7 @@ def _null(owner: OwnerFiles, suspect: SuspectAccess, config: GradientConfig, num
 
 
 register_method(MethodEntry(
-    name="gradient", run=_run, access=("runnable",), reads=("key", "record", "references"), optional=("references",),
+    name="gradient", run=_run, access=("weights",), reads=("key", "record", "references"), optional=("references",),
     validity="exact", config=GradientConfig, null=_null,
     summary="cosine of each carrier with the suspect's input gradients on the vanilla originals, pulled back "
             "through the marking network, minus the references'; for models trained from scratch",

@@ -26,8 +26,9 @@ from ..errors import RadioactiveError
 from .result import VALIDITIES
 
 ACCESS = {
-    "weights": "the suspect's weights with an architecture (its classifier rows and features can be read)",
-    "runnable": "a model that can be run and differentiated on images the auditor makes (weights or TorchScript)",
+    "weights": "a model whose weights can be read and differentiated: weights with a sidecar or an architecture name, "
+               "TorchScript, a Hugging Face folder",
+    "runnable": "a model the auditor can run on images made at test time, without gradients (ONNX)",
     "outputs": "a file of the suspect's outputs (logits or probabilities) on images the auditor sent, e.g. an API",
     "labels": "the suspect's top-k labels only",
 }
