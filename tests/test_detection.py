@@ -65,6 +65,27 @@ def test_fit_alignment_rejects_bad_shapes():
         fit_alignment(np.zeros((1, 3)), np.zeros((1, 3)))
 
 
+def test_fit_alignment_refuses_underdetermined_unless_ridge():
+    """N <= D interpolates (in-sample R^2 = 1 for any features): refused without a ridge; with one, the held-out R^2
+    tells the truth (issue 16: "alignment R^2 1.000" was shown for unrelated features)."""
+    rng = np.random.default_rng(5)
+    d = 60
+    for n in (40, d):  # N < D and N = D
+        f = rng.standard_normal((n, d))
+        unrelated = rng.standard_normal((n, 8))
+        with pytest.raises(RadioactiveError, match=rf"{n} images for {d} marking features is under-determined.*ridge"):
+            fit_alignment(f, unrelated)
+        al = fit_alignment(f, unrelated, ridge=0.1)
+        assert al.ridge == 0.1 and al.num_images == n
+        assert al.r2 > 0.8  # the in-sample fit still (nearly) interpolates noise
+        assert al.r2_heldout is not None and al.r2_heldout < 0.1 < al.r2
+    # N > D: least squares is accepted, and its held-out R^2 is reported too
+    f = rng.standard_normal((300, 20))
+    fs = f @ rng.standard_normal((20, 5)) + 0.1 * rng.standard_normal((300, 5))
+    al = fit_alignment(f, fs)
+    assert al.r2_heldout is not None and 0.95 < al.r2_heldout <= 1 and al.r2 > 0.95
+
+
 # ----------------------------------------------------------------------------- cosines
 
 
@@ -106,7 +127,7 @@ def test_whitebox_detects_marked_weights(key):
     assert all(0.2 < c < 0.4 for c in res.cosines)  # 0.3 / sqrt(1 + 0.09)
     assert all(lp < -15 for lp in res.class_log10_pvalues)
     assert res.log10_pvalue < min(res.class_log10_pvalues)  # combining 10 classes adds evidence
-    assert res.key_fingerprint == key.fingerprint and res.alignment_r2 is None
+    assert res.key_fingerprint == key.fingerprint and res.details.alignment_r2 is None
     assert "DETECTED" in res.verdict()
 
 
@@ -189,13 +210,18 @@ def _write_suspect(path: Path, weight: np.ndarray, classes: list[str], spec, bia
     return path
 
 
+RIDGE = 0.1
+"""Ridge of the alignments below: 60 test images for D = 1,280 features is under-determined."""
+
+
 @pytest.fixture(scope="module")
 def suspect(key, tmp_path_factory):
     """A suspect whose head rows carry the key's carriers, in the key's class order.
 
-    The alignment fits 60 test images to 1,280 features: the least-squares map is the projection
-    onto the span of the centred features (R^2 = 1), which keeps only ~|P u| ~ 0.2 of a carrier,
-    so the rows carry it with strength 1 (cosine ~0.7 before the projection, ~0.15 after).
+    The alignment fits 60 test images to 1,280 features, which is refused without a ridge; with the
+    small ridge :data:`RIDGE` the map is nearly the projection onto the span of the centred features
+    (in-sample R^2 ~ 1, held-out R^2 ~ 0.26), which keeps only ~|P u| ~ 0.2 of a carrier, so the rows
+    carry it with strength 1 (cosine ~0.7 before the projection, ~0.15 after).
     """
     w = _marked_weight(key.carriers.numpy().astype(np.float64), strength=1.0, seed=7)
     bias = np.random.default_rng(8).standard_normal(K)
@@ -205,14 +231,17 @@ def suspect(key, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def detected(suspect, key, cifar_small):
-    return detect(suspect[0], key, cifar_small[1])
+    return detect(suspect[0], key, cifar_small[1], ridge=RIDGE)
 
 
 def test_detect_marked_suspect(detected, key):
     res = detected
     assert res.detected and res.log10_pvalue < -10
-    assert res.alignment_r2 > 0.99
-    assert res.num_alignment_images == 60 and res.dim == D
+    assert res.details.alignment_r2 > 0.99 and res.details.ridge == RIDGE
+    assert res.details.num_alignment_images == 60 and res.dim == D
+    # the in-sample R^2 of an alignment with N < D says little; the held-out one is honest
+    assert res.details.alignment_r2_heldout < 0.6 < res.details.alignment_r2
+    assert res.details.alignment_caveat  # reports warn of the weak alignment
     assert res.classes == list(key.classes) and res.key_fingerprint == key.fingerprint
     assert all(c > 0 for c in res.cosines)
     assert res.suspect["architecture"] == "linear" and res.suspect["feature_dim"] == D
@@ -220,9 +249,9 @@ def test_detect_marked_suspect(detected, key):
 
 def test_detect_fresh_key_not_detected(suspect, key, cifar_small):
     fresh = generate_key(list(key.classes), seed=99)
-    res = detect(suspect[0], fresh, cifar_small[1])
+    res = detect(suspect[0], fresh, cifar_small[1], ridge=RIDGE)
     assert not res.detected and res.log10_pvalue > -3
-    assert res.alignment_r2 > 0.99  # the same suspect, only the key differs
+    assert res.details.alignment_r2 > 0.99  # the same suspect, only the key differs
 
 
 def test_detect_permuted_sidecar_classes(suspect, key, cifar_small, detected, tmp_path):
@@ -230,17 +259,29 @@ def test_detect_permuted_sidecar_classes(suspect, key, cifar_small, detected, tm
     perm = np.array([3, 7, 0, 9, 1, 6, 2, 8, 5, 4])  # no fixed point
     path = _write_suspect(tmp_path / "perm.safetensors", w[perm], [key.classes[i] for i in perm], key.network,
                           bias[perm])
-    res = detect(path, key, cifar_small[1])
+    res = detect(path, key, cifar_small[1], ridge=RIDGE)
     assert res.detected and res.classes == list(key.classes)
     np.testing.assert_allclose(res.cosines, detected.cosines, atol=1e-6)
     assert res.log10_pvalue == pytest.approx(detected.log10_pvalue, rel=1e-4)
     # the same rows under the key's class names, i.e. not re-ordered: no longer detected
     wrong = _write_suspect(tmp_path / "wrong.safetensors", w[perm], list(key.classes), key.network, bias[perm])
-    assert not detect(wrong, key, cifar_small[1]).detected
+    assert not detect(wrong, key, cifar_small[1], ridge=RIDGE).detected
+
+
+def test_detect_underdetermined_alignment_refused(suspect, key, cifar_small):
+    with pytest.raises(RadioactiveError, match="60 images for 1280 marking features is under-determined"):
+        detect(suspect[0], key, cifar_small[1])
+
+
+def test_detect_duplicate_classes_refused(suspect, key, cifar_small):
+    with pytest.raises(RadioactiveError, match=r"more than once: \['cat'\]"):
+        detect(suspect[0], key, cifar_small[1], ridge=RIDGE, only_classes=["cat", "ship", "cat"])
+    with pytest.raises(RadioactiveError, match="more than once"):
+        whitebox_test(np.eye(2, D), np.eye(2, D), ["cat", "cat"], None)
 
 
 def test_detect_only_classes(suspect, key, cifar_small):
-    res = detect(suspect[0], key, cifar_small[1], only_classes=["cat", "ship"])
+    res = detect(suspect[0], key, cifar_small[1], ridge=RIDGE, only_classes=["cat", "ship"])
     assert res.classes == ["cat", "ship"] and len(res.cosines) == 2 and res.detected
 
 
@@ -250,7 +291,7 @@ def test_detect_unknown_class_in_sidecar_raises(suspect, key, tmp_path, cifar_sm
     classes[4] = "zebra"
     path = _write_suspect(tmp_path / "zebra.safetensors", w, classes, key.network)
     with pytest.raises(RadioactiveError, match=key.classes[4]):
-        detect(path, key, cifar_small[1])
+        detect(path, key, cifar_small[1], ridge=RIDGE)
 
 
 @pytest.mark.parametrize("missing", ["weight", "bias"])
@@ -258,28 +299,28 @@ def test_detect_weights_missing_tensor_raises(suspect, key, tmp_path, cifar_smal
     _, w, _ = suspect
     path = _write_suspect(tmp_path / "partial.safetensors", w, key.classes, key.network, drop=missing)
     with pytest.raises(RadioactiveError, match=f"missing.*'{missing}'"):
-        detect(path, key, cifar_small[1])
+        detect(path, key, cifar_small[1], ridge=RIDGE)
 
 
 def test_detect_missing_sidecar_or_bad_weights_raise(suspect, key, tmp_path, cifar_small):
     with pytest.raises(RadioactiveError, match="not found"):
-        detect(tmp_path / "absent.safetensors", key, cifar_small[1])
+        detect(tmp_path / "absent.safetensors", key, cifar_small[1], ridge=RIDGE)
     lonely = tmp_path / "lonely.safetensors"
     lonely.write_bytes(suspect[0].read_bytes())
     with pytest.raises(RadioactiveError, match="description not found"):
-        detect(lonely, key, cifar_small[1])
+        detect(lonely, key, cifar_small[1], ridge=RIDGE)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00not safetensors" * 64)
     garbage.with_suffix(".json").write_text(suspect[0].with_suffix(".json").read_text())
     with pytest.raises(RadioactiveError, match="safetensors"):
-        detect(garbage, key, cifar_small[1])
+        detect(garbage, key, cifar_small[1], ridge=RIDGE)
 
 
 def test_detect_wrong_row_count_raises(suspect, key, tmp_path, cifar_small):
     _, w, _ = suspect
     path = _write_suspect(tmp_path / "nine.safetensors", w[:9], key.classes, key.network, np.zeros(9))
     with pytest.raises(RadioactiveError, match="do not match"):
-        detect(path, key, cifar_small[1])
+        detect(path, key, cifar_small[1], ridge=RIDGE)
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -312,11 +353,11 @@ def test_detect_sidecar_without_backbone_raises(suspect, key, tmp_path, cifar_sm
     del meta["backbone"]
     path.with_suffix(".json").write_text(json.dumps(meta))
     with pytest.raises(RadioactiveError):
-        detect(path, key, cifar_small[1])
+        detect(path, key, cifar_small[1], ridge=RIDGE)
 
 
 def test_detect_wrong_row_count_message_names_shapes(suspect, key, tmp_path, cifar_small):
     _, w, _ = suspect
     path = _write_suspect(tmp_path / "nine.safetensors", w[:9], key.classes, key.network, np.zeros(9))
     with pytest.raises(RadioactiveError, match="shape"):
-        detect(path, key, cifar_small[1])
+        detect(path, key, cifar_small[1], ridge=RIDGE)
