@@ -53,8 +53,9 @@ def test_a_suspect_that_learnt_the_carriers_is_detected(release, key, tmp_path):
     carrier, so every class's cosine is positive and the combined p is tiny."""
     suspect = linear_probe(tmp_path / "s.safetensors", 50.0 * key.carriers.numpy(), key)
     res = gradient_detect(release, key, suspect)
-    assert res.method == "white-box gradient" and res.classes == list(key.classes)
-    assert res.extra["images_per_class"] == [3] * len(key.classes)
+    assert res.method == "gradient" and res.validity == "exact" and res.classes == list(key.classes)
+    assert res.details.images_per_class == [3] * len(key.classes)
+    assert res.details.temperature == res.settings["temperature"] == 2.0
     assert min(res.cosines) > 0 and res.detected and res.log10_pvalue < -10
 
 
@@ -78,7 +79,7 @@ def test_batch_size_and_class_subset_do_not_change_a_class_result(release, key, 
     ref = linear_probe(tmp_path / "r.safetensors", np.random.default_rng(5).standard_normal((len(key.classes), key.dim)), key)
     full = gradient_detect(release, key, suspect, ref)
     sub = gradient_detect(release, key, suspect, ref, only_classes=["frog", "cat"], batch_size=1)
-    assert sub.classes == ["cat", "frog"] and sub.extra["images_per_class"] == [3, 3]
+    assert sub.classes == ["cat", "frog"] and sub.details.images_per_class == [3, 3]
     for c, cos in zip(sub.classes, sub.cosines):
         assert cos == pytest.approx(full.cosines[full.classes.index(c)], rel=1e-4)  # float32 kernels vary with batch size
     with pytest.raises(RadioactiveError, match="not in the key"):
@@ -115,6 +116,8 @@ def test_wrong_key_and_unknown_class_raise(release, key, tmp_path):
     suspect = linear_probe(tmp_path / "s.safetensors", key.carriers.numpy(), key)
     with pytest.raises(RadioactiveError, match="not the one"):
         gradient_detect(release, generate_key(key.classes, seed=99), suspect)
+    with pytest.raises(RadioactiveError, match="more than once"):  # Fisher would count cat twice
+        gradient_detect(release, key, suspect, only_classes=["cat", "frog", "cat"])
     meta = json.loads(suspect.with_suffix(".json").read_text())
     meta["classes"] = [f"c{i}" for i in range(len(key.classes))]
     suspect.with_suffix(".json").write_text(json.dumps(meta))
@@ -134,16 +137,18 @@ def test_cli_gradient_with_two_references_and_report(release, key, tmp_path, cap
                "--plot", str(tmp_path / "cos.png")])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["method"] == "white-box gradient" and out["extra"]["reference"] == refs and out["log10_pvalue"] < -10
-    assert out["extra"]["reference_sha256"] == [sha256_file(Path(r)) for r in refs]
+    assert out["method"] == "gradient" and out["details"]["references"] == refs and out["log10_pvalue"] < -10
+    assert out["details"]["type"] == "GradientDetails" and out["settings"]["references"] == refs
+    assert out["details"]["reference_sha256"] == [sha256_file(Path(r)) for r in refs]
     assert (tmp_path / "cos.png").stat().st_size > 1000
     assert main(["report", "--result", str(tmp_path / "res.json"), "--output", str(tmp_path / "r.html")]) == 0
     page = (tmp_path / "r.html").read_text()
-    assert "white-box gradient" in page and "Per-class cosines" in page
+    assert "gradient" in page and "Per-class cosines" in page
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main(["detect", "--method", "gradient", "--record", str(release), "--suspect", str(suspect)])
-    assert e.value.code == 2 and "--key" in capsys.readouterr().err
+    # the test needs the key: refused with one line naming the flag
+    assert main(["detect", "--method", "gradient", "--record", str(release), "--suspect", str(suspect)]) == 1
+    err = capsys.readouterr().err
+    assert "--key" in err and len(err.strip().splitlines()) == 1
 
 
 def test_temperature_divides_the_logits(real_batch, key, tmp_path):
@@ -168,7 +173,7 @@ def test_temperature_is_recorded_and_checked(release, key, tmp_path, capsys):
 
     suspect = linear_probe(tmp_path / "s.safetensors", 50.0 * key.carriers.numpy(), key)
     soft = gradient_detect(release, key, suspect, temperature=4.0)
-    assert soft.extra["temperature"] == 4.0 and soft.detected
+    assert soft.details.temperature == soft.settings["temperature"] == 4.0 and soft.detected
     assert soft.cosines != gradient_detect(release, key, suspect).cosines
     for bad in (0.0, 1000.0):
         with pytest.raises(RadioactiveError, match="temperature"):
