@@ -320,8 +320,9 @@ def _one_test(args, parser):
     else:
         config, changed = dc.replace(entry.defaults(), **given), []
     check_config(config)
-    alpha = args.alpha if args.alpha is not None else (plan.alpha if plan is not None else 1e-3)
-    if plan is not None and args.alpha is not None and args.alpha != plan.alpha:
+    given_alpha = getattr(args, "alpha", None)
+    alpha = given_alpha if given_alpha is not None else (plan.alpha if plan is not None else 1e-3)
+    if plan is not None and given_alpha is not None and given_alpha != plan.alpha:
         changed.append(f"alpha: {plan.alpha:g} -> {args.alpha:g}")
     if plan is not None and args.reference is not None:
         changed.append(f"references: {list(plan.references)} -> {[str(r) for r in args.reference]}")

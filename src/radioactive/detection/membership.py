@@ -109,31 +109,18 @@ def _chernoff_log10_bound(t: float, strata: list[tuple[np.ndarray, int]]) -> flo
     return min(0.0, float(res.fun) / math.log(10))
 
 
-def membership_detect(record: str | Path, suspect: str | Path | None = None, outputs: str | Path | None = None,
-                      alpha: float = 1e-3, classes: list[str] | None = None, source_root=None,
-                      max_released_per_withheld: int = 20, seed: int = 0) -> DetectionResult:
-    """Black-box membership test of a suspect: released against withheld images (see :func:`membership_test`).
-
-    The vanilla versions of the withheld images (listed in the record) and of a random sample of the
-    released images (every image of the record's source folder that was not withheld, at most
-    ``max_released_per_withheld`` per withheld image of the same class; the sample is drawn with ``seed``,
-    independently of the suspect) are scored by the suspect's true-class loss.
-
-    Args:
-        record: private record of ``mark --withhold-fraction``.
-        suspect: a runnable suspect (weights + sidecar, or TorchScript + sidecar), or
-        outputs: a file of the suspect's outputs on those source images (see :func:`read_outputs_file`).
-        alpha: significance level of the verdict.
-        classes: the suspect's class names in output order (default: sidecar, else the record's).
+def membership_losses(record: str | Path, suspect: str | Path | None = None, outputs: str | Path | None = None,
+                      classes: list[str] | None = None, source_root=None, max_released_per_withheld: int = 20,
+                      seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, list, dict]:
+    """The suspect's true-class losses on the withheld images and a sample of released ones (vanilla versions).
 
     Returns:
-        a :class:`DetectionResult` with method ``membership``, validity ``conservative`` (a Chernoff bound on an
-        exact randomisation p-value), with :class:`MembershipDetails`.
+        losses (N,), the suspect's class index per image (N,), is_withheld (N,) bool, the withheld (path, class)
+        pairs, and the record's header.
 
     Raises:
-        RadioactiveError: no withheld image in the record, neither or both of suspect/outputs, missing images.
+        RadioactiveError: as :func:`membership_detect`.
     """
-    t0 = time.time()
     if (suspect is None) == (outputs is None):
         raise RadioactiveError("give either a runnable suspect or a file of its outputs")
     header, withheld = read_withheld(record, source_root)
@@ -169,6 +156,36 @@ def membership_detect(record: str | Path, suspect: str | Path | None = None, out
     labels = np.array([index[c] for _, c in items])
     loss = true_class_loss(out, labels, kind)
     is_w = np.array([p in held for p, _ in items])
+    return loss, labels, is_w, withheld, header
+
+
+def membership_detect(record: str | Path, suspect: str | Path | None = None, outputs: str | Path | None = None,
+                      alpha: float = 1e-3, classes: list[str] | None = None, source_root=None,
+                      max_released_per_withheld: int = 20, seed: int = 0) -> DetectionResult:
+    """Black-box membership test of a suspect: released against withheld images (see :func:`membership_test`).
+
+    The vanilla versions of the withheld images (listed in the record) and of a random sample of the
+    released images (every image of the record's source folder that was not withheld, at most
+    ``max_released_per_withheld`` per withheld image of the same class; the sample is drawn with ``seed``,
+    independently of the suspect) are scored by the suspect's true-class loss.
+
+    Args:
+        record: private record of ``mark --withhold-fraction``.
+        suspect: a runnable suspect (weights + sidecar, or TorchScript + sidecar), or
+        outputs: a file of the suspect's outputs on those source images (see :func:`read_outputs_file`).
+        alpha: significance level of the verdict.
+        classes: the suspect's class names in output order (default: sidecar, else the record's).
+
+    Returns:
+        a :class:`DetectionResult` with method ``membership``, validity ``conservative`` (a Chernoff bound on an
+        exact randomisation p-value), with :class:`MembershipDetails`.
+
+    Raises:
+        RadioactiveError: no withheld image in the record, neither or both of suspect/outputs, missing images.
+    """
+    t0 = time.time()
+    loss, labels, is_w, withheld, header = membership_losses(record, suspect, outputs, classes, source_root,
+                                                             max_released_per_withheld, seed)
     res = membership_test(loss[~is_w], loss[is_w], labels[~is_w], labels[is_w])
     return DetectionResult(
         method="membership", validity="conservative", log10_pvalue=res["log10_pvalue"], alpha=alpha,
@@ -176,7 +193,7 @@ def membership_detect(record: str | Path, suspect: str | Path | None = None, out
         suspect={"path": str(suspect or outputs)},
         settings={"max_released_per_withheld": max_released_per_withheld, "seed": seed},
         details=MembershipDetails(res["statistic"], res["num_released"], res["num_withheld"],
-                                  res["median_loss_released"], res["median_loss_withheld"], len(items)),
+                                  res["median_loss_released"], res["median_loss_withheld"], len(loss)),
         seconds=time.time() - t0,
     )
 
@@ -203,9 +220,26 @@ def _run(owner: OwnerFiles, suspect: SuspectAccess, config: MembershipConfig, al
                              max_released_per_withheld=config.max_released_per_withheld, seed=config.sample_seed)
 
 
+def _null(owner: OwnerFiles, suspect: SuspectAccess, config: MembershipConfig, num: int, seed: int) -> np.ndarray:
+    """Fresh random withheld sets: within each class, as many images as the record withheld, drawn uniformly among
+    the scored images of that class (what the null says is random), scored with the same losses."""
+    loss, labels, is_w, _, _ = membership_losses(**_args(owner, suspect),
+                                                 max_released_per_withheld=config.max_released_per_withheld,
+                                                 seed=config.sample_seed)
+    rng = np.random.default_rng([seed, 0x3E4])
+    out = np.empty(num)
+    for i in range(num):
+        w = np.zeros(len(loss), dtype=bool)
+        for g in np.unique(labels[is_w]):
+            idx = np.flatnonzero(labels == g)
+            w[rng.choice(idx, int((is_w & (labels == g)).sum()), replace=False)] = True
+        out[i] = membership_test(loss[~w], loss[w], labels[~w], labels[w])["log10_pvalue"]
+    return out
+
+
 register_method(MethodEntry(
     name="membership", run=_run, access=("outputs",), reads=("record", "withheld"), validity="conservative",
-    config=MembershipConfig,
+    config=MembershipConfig, null=_null, null_unit="splits",
     summary="the suspect fits released images better than images withheld from the release (within-class ranks, "
             "Chernoff bound); needs mark --withhold-fraction; does not use the mark",
 ))
