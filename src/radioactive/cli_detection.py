@@ -367,7 +367,13 @@ def run_plan(args, parser) -> dict:
             settings.setdefault(m, {})[k] = v
     plan = change_plan(args.vault, alpha=args.alpha, classes=list(classes) if classes else None,
                        references=args.reference, methods=list(methods) if methods else None, settings=settings)
-    return plan.to_dict()
+    from .data import sha256_file
+    from .detection.plan import PLAN_FILE
+
+    digest = sha256_file(Path(args.vault) / PLAN_FILE)
+    print(f"audit plan sha256 {digest}: publish or timestamp it before testing any suspect, to show the settings "
+          "were fixed first", file=sys.stderr)
+    return {**plan.to_dict(), "sha256": digest}
 
 
 def run_calibrate(args, parser) -> dict:
