@@ -216,11 +216,18 @@ class DecodedImage:
             pixels are in its colour space (kept, to embed in the output);
             None when the pixels are sRGB (untagged, or converted to sRGB).
         mode: the Pillow mode of the file (``"RGB"``, ``"CMYK"``, ``"I;16"``...).
+        alpha: (H, W) uint8 alpha channel (255 opaque) of an image with transparency (an alpha channel,
+            or palette or colour-key transparency); None for an opaque image.
+        colour: (H, W, 3) uint8 RGB colour channels before compositing (straight, not premultiplied) when
+            ``alpha`` is given, else None. ``pixels`` is ``colour`` composited on :data:`ALPHA_BACKGROUND`;
+            a released copy keeps ``alpha`` and writes the marked ``colour`` (:func:`apply_delta`).
     """
 
     pixels: np.ndarray
     icc_profile: bytes | None
     mode: str
+    alpha: np.ndarray | None = None
+    colour: np.ndarray | None = None
 
 
 def _open(path: str | os.PathLike, max_pixels: int) -> Image.Image:
@@ -297,8 +304,27 @@ def _composite(im: Image.Image) -> Image.Image:
     return Image.alpha_composite(Image.new("RGBA", im.size, ALPHA_BACKGROUND + (255,)), im).convert("RGB")
 
 
+def _split_alpha(im: Image.Image, grey_profile) -> tuple[Image.Image, Image.Image]:
+    """(RGB colour channels before compositing, L alpha) of an image with transparency, converted like its pixels.
+
+    Grey colour goes through the grey ICC profile as the composited pixels do; ``im`` is 8-bit here.
+    """
+    rgba = im.convert("RGBA")  # as _composite reads it
+    colour, alpha = rgba.convert("RGB"), rgba.getchannel("A")
+    if grey_profile is not None:
+        converted = _to_srgb(colour.convert("L"), grey_profile)
+        colour = colour if converted is None else converted
+    return colour, alpha
+
+
 def _to_rgb(im: Image.Image) -> tuple[Image.Image, bytes | None]:
     """Convert a decoded image to 8-bit RGB by the policy of docs/images.md; returns (image, kept RGB profile)."""
+    rgb, icc, _ = _to_rgb_alpha(im)
+    return rgb, icc
+
+
+def _to_rgb_alpha(im: Image.Image) -> tuple[Image.Image, bytes | None, tuple[Image.Image, Image.Image] | None]:
+    """:func:`_to_rgb`, and (colour, alpha) before compositing for an image with transparency (else None)."""
     icc = im.info.get("icc_profile") or None
     space, profile = _profile_space(icc)
     mode = im.mode
@@ -311,18 +337,23 @@ def _to_rgb(im: Image.Image) -> tuple[Image.Image, bytes | None]:
             raise ValueError(f"{mode} pixels outside 0..65535 have no defined 8-bit range")
         im = Image.fromarray((a.astype(np.uint32) >> 8).astype(np.uint8), "L")
     if mode in _GREY_MODES:
+        grey_profile = profile if space == "GRAY" else None
+        split = _split_alpha(im, grey_profile) if has_alpha else None
         im = _composite(im).convert("L") if has_alpha else im.convert("L")
         converted = _to_srgb(im, profile) if space == "GRAY" else None
-        return (im.convert("RGB") if converted is None else converted), None
+        return (im.convert("RGB") if converted is None else converted), None, split
     if mode == "CMYK":
         converted = _to_srgb(im, profile) if space == "CMYK" else None
-        return (im.convert("RGB") if converted is None else converted), None
+        return (im.convert("RGB") if converted is None else converted), None, None
     if mode == "LAB":  # CIELAB (TIFF): defined colours, converted like a profile
         converted = _to_srgb(im, ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")))
         if converted is None:
             raise ValueError("CIELAB pixels cannot be converted to sRGB")
-        return converted, None
-    return (_composite(im) if has_alpha else im.convert("RGB")), (icc if space == "RGB" else None)
+        return converted, None, None
+    kept = icc if space == "RGB" else None
+    if has_alpha:
+        return _composite(im), kept, _split_alpha(im, None)
+    return im.convert("RGB"), kept, None
 
 
 def read_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> DecodedImage:
@@ -330,7 +361,8 @@ def read_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Decoded
 
     The first frame of animated or multi-page files is read. EXIF
     orientation is applied. Alpha (and palette or colour-key transparency)
-    is composited on :data:`ALPHA_BACKGROUND`. 16-bit samples keep their high
+    is composited on :data:`ALPHA_BACKGROUND`; the alpha channel and the colour
+    channels before compositing are returned too (``alpha``, ``colour``). 16-bit samples keep their high
     byte (v >> 8). A CMYK or greyscale ICC profile is applied (to sRGB, with
     LittleCMS, perceptual intent); an RGB profile is kept, pixels unchanged.
 
@@ -341,7 +373,8 @@ def read_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Decoded
             Pillow's ``Image.MAX_IMAGE_PIXELS`` Pillow refuses them too.
 
     Returns:
-        the (H, W, 3) uint8 RGB pixels and the ICC profile to embed with them.
+        the (H, W, 3) uint8 RGB pixels and the ICC profile to embed with them
+        (and, for an image with transparency, its alpha and colour channels).
 
     Raises:
         RadioactiveError: empty file, unknown format, damaged or truncated
@@ -352,13 +385,17 @@ def read_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Decoded
         orientation = _orientation(im)
         mode = im.mode
         try:
-            rgb, icc = _to_rgb(im)
+            rgb, icc, split = _to_rgb_alpha(im)
         except Exception as e:  # decoders raise OSError, ValueError, SyntaxError, struct.error...
             reason = str(e) or type(e).__name__
             raise RadioactiveError(f"cannot read image {path}: damaged or truncated image data ({reason})") from e
     if orientation != 1:
         rgb = rgb.transpose(_TRANSPOSE[orientation])
-    return DecodedImage(np.asarray(rgb, dtype=np.uint8).copy(), icc, mode)
+        split = None if split is None else tuple(x.transpose(_TRANSPOSE[orientation]) for x in split)
+    if split is None:
+        return DecodedImage(np.asarray(rgb, dtype=np.uint8).copy(), icc, mode)
+    return DecodedImage(np.asarray(rgb, dtype=np.uint8).copy(), icc, mode, alpha=np.asarray(split[1], np.uint8).copy(),
+                        colour=np.asarray(split[0], np.uint8).copy())
 
 
 def load_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -433,14 +470,44 @@ def _write_error(path: Path, e: OSError) -> str:
     return f"cannot write {path}: {e.strerror or e}"
 
 
+PRIVATE_FILE_MODE, PRIVATE_DIR_MODE = 0o600, 0o700
+"""Permissions of the owner's private files and folders (the vault, :mod:`radioactive.vault`) on POSIX."""
+
+
+def make_dirs(path: str | os.PathLike, private: bool = False) -> Path:
+    """``mkdir -p path``; with ``private``, every folder it creates gets :data:`PRIVATE_DIR_MODE` (0700),
+    whatever the umask (folders that existed keep theirs). Returns the path."""
+    path = Path(path)
+    if not private:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=PRIVATE_DIR_MODE)
+        except FileExistsError:
+            if not d.is_dir():
+                raise
+            continue
+        os.chmod(d, PRIVATE_DIR_MODE)  # mkdir's mode is masked by the umask
+    return path
+
+
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
+def atomic_writer(path: str | os.PathLike, private: bool = False) -> Iterator[BinaryIO]:
     """A binary file whose content becomes ``path`` when the block ends: written to a temporary file in the
     same folder, fsynced and renamed, so that ``path`` is either its previous version or complete; for
     content written piece by piece (a long record) without holding it in memory.
 
-    The file gets the usual permissions (0666 less the umask). If the block raises, the temporary file is
-    removed and a previous ``path`` is left as it was.
+    The file gets the usual permissions (0666 less the umask); with ``private``, :data:`PRIVATE_FILE_MODE`
+    (0600, from its creation on) and the folders created for it 0700 (:func:`make_dirs`). If the block
+    raises, the temporary file is removed and a previous ``path`` is left as it was.
 
     Raises:
         RadioactiveError: the folder cannot be created or written (permission denied, read-only file
@@ -449,13 +516,14 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
     path = Path(path)
     tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent, private)
         # hidden, and no image extension: a leftover of a killed run is never taken for an image
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".partial")
         with os.fdopen(fd, "wb") as f:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files: give them the usual permissions
+            if not private:  # mkstemp makes 0600 files: give public ones the usual permissions
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp, 0o666 & ~umask)
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -468,43 +536,69 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, private: bool = False) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder
     and a rename, so that ``path`` is either its previous version or complete
-    (see :func:`atomic_writer`).
+    (see :func:`atomic_writer`; ``private``: 0600, new folders 0700).
 
     Raises:
         RadioactiveError: the folder cannot be created or written (permission
             denied, read-only file system, disk full...); the message says which.
     """
-    with atomic_writer(path) as f:
+    with atomic_writer(path, private) as f:
         f.write(data)
 
 
-def _check_rgb8(image: np.ndarray) -> None:
-    """Raises ValueError unless ``image`` is (H, W, 3) uint8."""
+def _check_rgb8(image: np.ndarray, alpha: np.ndarray | None = None) -> None:
+    """Raises ValueError unless ``image`` is (H, W, 3) uint8 and ``alpha`` None or (H, W) uint8."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {image.shape} {image.dtype}")
+    if alpha is not None and (alpha.shape != image.shape[:2] or alpha.dtype != np.uint8):
+        raise ValueError(f"expected an {image.shape[:2]} uint8 alpha channel, got {alpha.shape} {alpha.dtype}")
 
 
-def encode_png(image: np.ndarray, icc_profile: bytes | None = None) -> bytes:
+def _pil(image: np.ndarray, alpha: np.ndarray | None) -> Image.Image:
+    return Image.fromarray(image, "RGB") if alpha is None else Image.fromarray(np.dstack([image, alpha]), "RGBA")
+
+
+def apply_delta(image: DecodedImage, marked: np.ndarray) -> np.ndarray:
+    """The colour channels to write for the marked version of ``image``: its displayed pixels when it is
+    opaque, else its colour channels before compositing plus the mark's change, ``clip(colour + (marked -
+    pixels), 0, 255)``, to be written with the unchanged alpha. Where alpha is 255 the written image shows
+    exactly ``marked``; where it is lower the change shows scaled by alpha/255 (docs/images.md).
+
+    Args:
+        image: the vanilla image as read.
+        marked: (H, W, 3) uint8, the marked version of ``image.pixels``.
+
+    Returns:
+        (H, W, 3) uint8.
+    """
+    if image.alpha is None:
+        return marked
+    delta = marked.astype(np.int16) - image.pixels.astype(np.int16)
+    return np.clip(image.colour.astype(np.int16) + delta, 0, 255).astype(np.uint8)
+
+
+def encode_png(image: np.ndarray, icc_profile: bytes | None = None, alpha: np.ndarray | None = None) -> bytes:
     """Encode an image as PNG with no metadata but its ICC profile.
 
     Every image of a released copy goes through this function, marked or not,
     so that format, metadata and compression settings do not tell them apart.
 
     Args:
-        image: (H, W, 3) uint8 RGB.
+        image: (H, W, 3) uint8 RGB (the colour channels, straight, when ``alpha`` is given).
         icc_profile: RGB ICC profile of the pixels (``DecodedImage.icc_profile``),
             embedded as the iCCP chunk; None writes none (sRGB implied).
+        alpha: (H, W) uint8 alpha channel: written as an RGBA PNG; None: RGB.
 
     Raises:
-        ValueError: ``image`` is not (H, W, 3) uint8.
+        ValueError: ``image`` is not (H, W, 3) uint8, or ``alpha`` not (H, W) uint8.
     """
-    _check_rgb8(image)
+    _check_rgb8(image, alpha)
     buf = io.BytesIO()
     extra = {"icc_profile": icc_profile} if icc_profile else {}
-    Image.fromarray(image, "RGB").save(buf, format="PNG", compress_level=6, **extra)
+    _pil(image, alpha).save(buf, format="PNG", compress_level=6, **extra)
     return buf.getvalue()
 
 
@@ -563,21 +657,29 @@ class OutputFormat:
     def to_dict(self) -> dict:
         return {"format": self.format, "quality": self.quality} if self.lossy else {"format": self.format}
 
-    def encode(self, image: np.ndarray, icc_profile: bytes | None = None) -> bytes:
-        """Encode (H, W, 3) uint8 RGB with no metadata but its ICC profile (see :func:`encode_png`).
+    @property
+    def keeps_alpha(self) -> bool:
+        """Whether the format stores an alpha channel (png, webp; jpeg has none)."""
+        return self.format != "jpeg"
+
+    def encode(self, image: np.ndarray, icc_profile: bytes | None = None, alpha: np.ndarray | None = None) -> bytes:
+        """Encode (H, W, 3) uint8 RGB with no metadata but its ICC profile (see :func:`encode_png`), with its
+        (H, W) uint8 ``alpha`` channel when given (png; webp with lossless alpha, ``alpha_quality`` 100).
 
         Raises:
-            ValueError: ``image`` is not (H, W, 3) uint8.
+            ValueError: ``image`` is not (H, W, 3) uint8, a bad ``alpha``, or an ``alpha`` for jpeg.
         """
         if self.format == "png":
-            return encode_png(image, icc_profile)
-        _check_rgb8(image)
+            return encode_png(image, icc_profile, alpha)
+        _check_rgb8(image, alpha)
         buf = io.BytesIO()
         extra = {"icc_profile": icc_profile} if icc_profile else {}
         if self.format == "jpeg":
+            if alpha is not None:
+                raise ValueError("jpeg has no alpha channel")
             Image.fromarray(image, "RGB").save(buf, format="JPEG", quality=self.quality, subsampling=0, **extra)
         else:
-            Image.fromarray(image, "RGB").save(buf, format="WEBP", quality=self.quality, method=4, **extra)
+            _pil(image, alpha).save(buf, format="WEBP", quality=self.quality, method=4, alpha_quality=100, **extra)
         return buf.getvalue()
 
     def decode(self, data: bytes) -> np.ndarray:

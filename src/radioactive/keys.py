@@ -80,8 +80,7 @@ class Key:
         }
         blob = save({"carriers": self.carriers.to(torch.float32).contiguous()}, metadata={"radioactive": json.dumps(meta)})
         path = Path(path)
-        atomic_write_bytes(path, blob)
-        os.chmod(path, 0o600)  # the key is secret
+        atomic_write_bytes(path, blob, private=True)  # the key is secret: 0600 from its creation on
         return path
 
     @classmethod
