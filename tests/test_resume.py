@@ -1,9 +1,10 @@
 """Resumable, safe `mark`: a killed run resumes to the same bytes; the output folder rules (--resume, --overwrite).
 
 Real CIFAR-10 images (the ``cifar_small`` train split, 120 images), 2 marking steps, batches of 4 so that a
-run has many units. A run's files are compared as ``{relative path: bytes}`` of the released copy, the
-private record and the private holdout folder, always written at the same paths so that the record (which
-names the output folder) can be compared byte for byte.
+run has many units. A run's files are compared as ``{relative path: bytes}`` of the released copy and the
+vault (record, holdout folder, key copy, the manifest's file list), always written at the same paths so that
+the record (which names the output folder) can be compared byte for byte. The audit plan and the commitment
+are left out: they say when they were made (the plan's history, commitment.json's time).
 """
 
 from __future__ import annotations
@@ -30,14 +31,24 @@ CLI_ARGS = ["--fraction", "0.5", "--seed", "3", "--holdout-fraction", "0.1", "--
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # the same arithmetic as this process's
 
 
+def vault_of(out: Path) -> Path:
+    return out.parent / "vault"
+
+
 def record_of(out: Path) -> Path:
-    return out.parent / f"{out.name}.record.jsonl"
+    return vault_of(out) / "record.jsonl"
 
 
 def tree(out: Path) -> dict[str, bytes]:
-    """Every file a run leaves: the released copy, the record, the holdout folder and anything beside them."""
-    return {p.relative_to(out.parent).as_posix(): p.read_bytes() for p in sorted(out.parent.rglob("*"))
-            if p.is_file() and not p.relative_to(out.parent).as_posix().startswith("key")}
+    """Every file a run leaves: the released copy, the vault and anything beside them (module docstring)."""
+    files = {p.relative_to(out.parent).as_posix(): p.read_bytes() for p in sorted(out.parent.rglob("*"))
+             if p.is_file() and not p.relative_to(out.parent).as_posix().startswith("key")}
+    for timed in ("vault/audit-plan.json", "vault/commitment.json"):
+        files.pop(timed, None)
+    if "vault/manifest.json" in files:
+        listed = json.loads(files["vault/manifest.json"])["files"]
+        files["vault/manifest.json"] = json.dumps({k: v for k, v in listed.items() if k != "audit-plan.json"}).encode()
+    return files
 
 
 def clear(out: Path) -> None:
@@ -47,7 +58,7 @@ def clear(out: Path) -> None:
 
 
 def lib(src, key, out, **kw):
-    return mark_folder(src, key, out, **{**ARGS, "config": CFG, "progress": False, **kw})
+    return mark_folder(src, key, out, **{**ARGS, "config": CFG, "progress": False, "vault": vault_of(out), **kw})
 
 
 def reference(src, key, out) -> dict[str, bytes]:
@@ -105,7 +116,8 @@ def test_killed_cli_run_resumes_to_the_same_bytes(cifar_small, key, work):
     src = cifar_small[0]
     ref = reference(src, key, out)
     journal = journal_path(record_of(out))
-    cmd = [sys.executable, "-m", "radioactive", "mark", "--source", src, "--key", key_file, "--output", out, *CLI_ARGS]
+    cmd = [sys.executable, "-m", "radioactive", "mark", "--source", src, "--key", key_file, "--output", out,
+           "--vault", vault_of(out), *CLI_ARGS]
     proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     try:
         deadline = time.time() + 300
@@ -125,18 +137,18 @@ def test_killed_cli_run_resumes_to_the_same_bytes(cifar_small, key, work):
         if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg"):
             assert not p.name.startswith(".") and f"out/{p.relative_to(out).as_posix()}" in ref, p
             assert p.read_bytes() == ref[f"out/{p.relative_to(out).as_posix()}"]
-    kept = {f"{b}/{rel}": (out.parent / ("out" if b == "output" else "out.record.holdout") / rel).stat().st_mtime_ns
+    kept = {f"{b}/{rel}": (out.parent / ("out" if b == "output" else "vault/holdout") / rel).stat().st_mtime_ns
             for u in done for b, rel, _ in u["files"]}
 
-    line = one_line_error(cli("--source", src, "--key", key_file, "--output", out, *CLI_ARGS), 1)
+    line = one_line_error(cli("--source", src, "--key", key_file, "--output", out, "--vault", vault_of(out), *CLI_ARGS), 1)
     assert "not empty" in line and "--resume" in line and "--overwrite" in line
-    proc2 = cli("--source", src, "--key", key_file, "--output", out, *CLI_ARGS, "--resume")
+    proc2 = cli("--source", src, "--key", key_file, "--output", out, "--vault", vault_of(out), *CLI_ARGS, "--resume")
     assert proc2.returncode == 0, proc2.stderr
     assert json.loads(proc2.stdout)["num_marked"] == 60
     assert tree(out) == ref  # no journal, no temporary file, every byte the same
     for name, mtime in kept.items():  # finished batches were verified and kept, not redone
         b, rel = name.split("/", 1)
-        assert (out.parent / ("out" if b == "output" else "out.record.holdout") / rel).stat().st_mtime_ns == mtime
+        assert (out.parent / ("out" if b == "output" else "vault/holdout") / rel).stat().st_mtime_ns == mtime
 
 
 # ----------------------------------------------------------------------------- determinism
@@ -150,7 +162,7 @@ def test_same_seed_same_inputs_same_bytes(cifar_small, key, work):
     clear(out)
     lib(cifar_small[0], key, out, seed=4)
     other = tree(out)
-    assert other["out.record.jsonl"] != first["out.record.jsonl"]  # the comparison can fail
+    assert other["vault/record.jsonl"] != first["vault/record.jsonl"]  # the comparison can fail
 
 
 # ----------------------------------------------------------------------------- resume in process
@@ -201,15 +213,17 @@ def test_resume_of_a_finished_run_or_of_a_foreign_folder_is_refused(cifar_small,
     with pytest.raises(RadioactiveError, match="nothing to resume"):
         lib(src, key, out, resume=True)
     (out / "README.txt").write_text("mine\n")
-    for flags in ({"resume": True}, {"overwrite": True}):
-        with pytest.raises(RadioactiveError, match="README.txt"):
-            lib(src, key, out, **flags)
+    with pytest.raises(RadioactiveError, match="README.txt"):
+        lib(src, key, out, overwrite=True)
+    with pytest.raises(RadioactiveError, match="nothing to resume"):  # the vault holds the finished run's record
+        lib(src, key, out, resume=True)
     (out / "README.txt").unlink()
     assert tree(out) == done
 
 
 def test_journal_path_holding_another_file_is_refused(cifar_small, key, work):
     out, _ = work
+    vault_of(out).mkdir()
     journal_path(record_of(out)).write_text("my notes\n")
     with pytest.raises(RadioactiveError, match="not a journal"):
         lib(cifar_small[0], key, out)
@@ -226,15 +240,17 @@ def test_overwrite_restarts_from_scratch(cifar_small, key, work, monkeypatch):
     lib(src, key, out, seed=4, fraction=0.2)  # a finished run with other arguments
     interrupt(monkeypatch, src, key, out, after=1, overwrite=True)  # and an interrupted restart on top
     (out / "cat" / ".radioactive-zz.partial").write_bytes(b"")
-    with pytest.raises(RadioactiveError, match="not empty"):
+    with pytest.raises(RadioactiveError, match="already holds the record"):  # the finished run's, in the vault
         lib(src, key, out)
     s = lib(src, key, out, overwrite=True)
     assert s.num_marked == 60
     now = tree(out)
-    assert {k: now[k] for k in ref} == ref
-    # nothing outside the output folder is deleted: the old run's private holdout images stay, unlisted
+    assert {k: now[k] for k in ref if k != "vault/manifest.json"} == {k: v for k, v in ref.items() if k != "vault/manifest.json"}
+    # nothing outside the output folder is deleted: the old run's private holdout images stay, unlisted in the
+    # record; the vault's manifest lists them, as every file of the vault
     stale = set(now) - set(ref)
-    assert stale and all(k.startswith("out.record.holdout/") for k in stale)
+    assert stale and all(k.startswith("vault/holdout/") for k in stale)
+    assert {f"vault/{k}" for k in json.loads(now["vault/manifest.json"])} >= stale
 
 
 # ----------------------------------------------------------------------------- command line
@@ -242,8 +258,8 @@ def test_overwrite_restarts_from_scratch(cifar_small, key, work, monkeypatch):
 
 def test_resume_and_overwrite_together_is_a_usage_error(tmp_path, cifar_small, key):
     key_file = key.save(tmp_path / "key.safetensors")
-    proc = cli("--source", cifar_small[0], "--key", key_file, "--output", tmp_path / "out", *CLI_ARGS,
-               "--resume", "--overwrite")
+    proc = cli("--source", cifar_small[0], "--key", key_file, "--output", tmp_path / "out", "--vault",
+               tmp_path / "vault", *CLI_ARGS, "--resume", "--overwrite")
     line = one_line_error(proc, 2)
     assert "--overwrite" in line and "--resume" in line
     assert not (tmp_path / "out").exists()

@@ -27,7 +27,7 @@ from ..data import list_image_folder, read_image
 from ..errors import RadioactiveError
 from ..keys import Key
 from ..networks import load_marking_network
-from .optimise import MarkingConfig, cpu_threads, image_generator, mark_batch, psnr_db
+from .optimise import MarkingConfig, cpu_threads, enforce_min_psnr, image_generator, mark_batch, psnr_db
 from .plan import chosen_indices
 
 PILOT_IMAGES = 200
@@ -122,7 +122,7 @@ def calibrate_lambda_img(source: str | Path, key: Key, target_psnr_db: float, fr
                     marked = mark_batch(net, x, key.carriers[labels], cfg,
                                         [image_generator(seed, folder.files[i]) for i, _ in part])
                     for (_, v), m in zip(part, marked.permute(0, 2, 3, 1).numpy()):
-                        p = psnr_db(v, m)
+                        p = psnr_db(v, enforce_min_psnr(v, m, cfg.min_psnr)[0])  # as the run writes it
                         if math.isfinite(p):
                             values.append(p)
         return float(np.mean(values)) if values else math.inf

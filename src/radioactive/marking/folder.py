@@ -11,22 +11,24 @@ import contextlib
 import ctypes
 import functools
 import json
+import logging
 import math
 import time
 from array import array
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..data import OUTPUT_FORMATS, OutputFormat, atomic_writer, read_image
+from .. import __version__
+from ..data import OUTPUT_FORMATS, OutputFormat, apply_delta, atomic_write_bytes, atomic_writer, read_image
 from ..errors import RadioactiveError
 from ..keys import Key
 from ..networks import load_marking_network
+from ..vault import KEY, NOTICE, RECORD, Vault, finish_vault, start_vault
 from .distributed import SINGLE, Ranks
-from .optimise import MarkingConfig, carrier_shifts, cpu_threads, image_generator, mark_batch, psnr_db
+from .optimise import MarkingConfig, carrier_shifts, cpu_threads, enforce_min_psnr, image_generator, mark_batch, psnr_db
 from .plan import (  # noqa: F401 (re-exported: the public names of folder marking)
     COPY_CHUNK,
     RECORD_SCHEMA,
@@ -41,65 +43,20 @@ from .plan import (  # noqa: F401 (re-exported: the public names of folder marki
     select_withheld,
 )
 from .progress import Progress
+from .summary import MarkSummary
 from .resume import Journal, journal_path, open_run, part_path, part_paths, write_atomic
+from .verify import check_not_a_release, notice_text, shift_stats, unmarked_threshold
+
+log = logging.getLogger(__name__)
 
 
-@dataclass
-class MarkSummary:
-    """What ``mark_folder`` did.
-
-    Attributes:
-        output: the released copy (ImageFolder layout).
-        record: the private record (JSON lines) of the marked images.
-        num_images: images in the source.
-        num_marked, num_copied: images marked / written unmarked.
-        num_holdout: images marked but kept private (their vanilla version is released).
-        num_withheld: images left out of the released copy altogether (listed in the record), for the
-            membership test (see ``withhold_fraction``).
-        num_skipped, skipped: image files that could not be read (corrupt, truncated, over Pillow's
-            size limit); each is copied unchanged into the released copy and listed with the reason.
-        Every file of the source is accounted for exactly once:
-        num_marked + num_copied + num_withheld + num_skipped + len(ignored) (+ num_holdout, released as
-        vanilla copies and counted in num_copied) = files in the source.
-        ignored: source files that are not images (not copied).
-        psnr_db_mean, psnr_db_p5: PSNR of the marked images (dB, 0-255 scale).
-        linf_max: largest |marked - vanilla| over all marked pixels (8-bit levels).
-        seconds: wall time.
-        output_format: the released copy's encoding (``png``, or e.g. ``jpeg q90``).
-        carrier_shift_lossless_mean, carrier_shift_mean: lossy formats only: mean feature shift along the
-            carrier (marking network, centre view; :func:`radioactive.marking.optimise.carrier_shifts`) of the
-            released marked images, before encoding and as a reader decodes them.
-        mark_survival: lossy formats only: ``carrier_shift_mean / carrier_shift_lossless_mean``, the share
-            of the mark's feature shift that the encoding kept (None for png, which keeps all of it, and when
-            the marked images moved no feature before encoding).
-        psnr_db_released_mean, psnr_db_released_p5: lossy formats only: PSNR of every released image
-            (marked or not) as decoded, against its source (dB); ``psnr_db_mean`` is the marked images'
-            before encoding.
-    """
-
-    output: str
-    record: str
-    num_images: int
-    num_marked: int
-    num_copied: int
-    num_holdout: int = 0
-    num_withheld: int = 0
-    num_skipped: int = 0
-    skipped: list[dict] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)
-    psnr_db_mean: float | None = None
-    psnr_db_p5: float | None = None
-    linf_max: int = 0
-    seconds: float = 0.0
-    output_format: str = "png"
-    carrier_shift_lossless_mean: float | None = None
-    carrier_shift_mean: float | None = None
-    mark_survival: float | None = None
-    psnr_db_released_mean: float | None = None
-    psnr_db_released_p5: float | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+def _encode(fmt: OutputFormat, image, pixels: np.ndarray) -> bytes:
+    """The released bytes of ``pixels`` (the image's displayed pixels, marked or not): with its alpha channel
+    unchanged and its colour channels changed by the mark (:func:`radioactive.data.apply_delta`) when it has
+    one and the format keeps it; composited on white otherwise (jpeg)."""
+    if image.alpha is not None and fmt.keeps_alpha:
+        return fmt.encode(apply_delta(image, pixels), image.icc_profile, image.alpha)
+    return fmt.encode(pixels, image.icc_profile)
 
 
 def _finite(db: float) -> float | None:
@@ -136,7 +93,7 @@ def _run_units(plan: RunPlan, key: Key, kept: dict[int, list], journal: Journal,
             out["released_psnr"] = []  # every released image as decoded, against its source
 
         def write(base: str, rel: str, data: bytes) -> str:
-            out["files"].append([base, rel, write_atomic(bases[base] / rel, data)])
+            out["files"].append([base, rel, write_atomic(bases[base] / rel, data, private=base == "holdout")])
             return out["files"][-1][2]
 
         def skip(i: int, reason: str) -> None:
@@ -145,7 +102,7 @@ def _run_units(plan: RunPlan, key: Key, kept: dict[int, list], journal: Journal,
             out["skipped"].append([folder.files[i], reason])
             write("output", folder.files[i], folder.path(i).read_bytes())  # unchanged, as given
 
-        imgs, idx, icc = [], [], {}
+        imgs, idx, icc, decoded_images = [], [], {}, {}
         for i in unit.indices:
             if unit.kind == "unreadable":
                 skip(i, plan.unreadable[i])
@@ -157,44 +114,49 @@ def _run_units(plan: RunPlan, key: Key, kept: dict[int, list], journal: Journal,
                 continue
             icc[i] = image.icc_profile  # kept in marked and unmarked outputs alike
             if unit.kind == "copy":
-                data = fmt.encode(image.pixels, image.icc_profile)
-                write("output", output_name(folder.files[i], fmt.suffix), data)
+                rel = output_name(folder.files[i], fmt.suffix)
+                write("output", rel, _encode(fmt, image, image.pixels))
                 out["copied"] += 1
                 if fmt.lossy:
-                    pr = psnr_db(image.pixels, fmt.decode(data))
+                    pr = psnr_db(image.pixels, read_image(bases["output"] / rel).pixels)
                     out["released_psnr"].append(_finite(pr))
             else:
                 imgs.append(image.pixels)
                 idx.append(i)
+                decoded_images[i] = image
         if not idx:
             return out
         batch = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
         labels = [folder.labels[i] for i in idx]
         gens = [image_generator(seed, folder.files[i]) for i in idx]
-        marked_t = mark_batch(net, batch, key.carriers[labels], config, gens)
-        marked = marked_t.permute(0, 2, 3, 1).numpy()
-        encoded = [fmt.encode(m, icc[i]) for i, m in zip(idx, marked)]
-        if fmt.lossy:  # how much of the mark the encoding keeps, image by image
-            decoded = [fmt.decode(b) for b in encoded]
-            lossless, kept_shift = carrier_shifts(
-                net, batch, [marked_t, torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2)], key.carriers[labels])
+        marked = mark_batch(net, batch, key.carriers[labels], config, gens).permute(0, 2, 3, 1).numpy()
+        floored = [enforce_min_psnr(v, m, config.min_psnr) for v, m in zip(imgs, marked)]  # the per-image floor
+        marked = np.stack([m for m, _ in floored])
         released = unit.kind == "mark"
-        for j, (i, vanilla, m, k) in enumerate(zip(idx, imgs, marked, labels)):
+        base = "output" if released else "holdout"
+        shas, on_disk = [], []
+        for i, m in zip(idx, marked):
             out_rel = output_name(folder.files[i], fmt.suffix)
-            sha = write("output" if released else "holdout", out_rel, encoded[j])
+            shas.append(write(base, out_rel, _encode(fmt, decoded_images[i], m)))
+            on_disk.append(read_image(bases[base] / out_rel).pixels)  # verified as a trainer's loader reads it
+        versions = [torch.from_numpy(np.stack(on_disk)).permute(0, 3, 1, 2)]
+        if fmt.lossy:  # how much of the mark the encoding keeps, image by image
+            versions.insert(0, torch.from_numpy(marked).permute(0, 3, 1, 2))
+        shifts = carrier_shifts(net, batch, versions, key.carriers[labels])
+        for j, (i, vanilla, m, k) in enumerate(zip(idx, imgs, marked, labels)):
             p = psnr_db(vanilla, m)
             out["psnr"].append(_finite(p))
             entry = {
-                "source": folder.files[i], "output": out_rel, "class": folder.classes[k], "carrier_index": k,
-                "psnr_db": _finite(round(p, 4)),
+                "source": folder.files[i], "output": output_name(folder.files[i], fmt.suffix),
+                "class": folder.classes[k], "carrier_index": k, "psnr_db": _finite(round(p, 4)),
                 "linf": int(np.abs(vanilla.astype(np.int16) - m.astype(np.int16)).max()),
-                "sha256": sha, "released": released,
+                "sha256": shas[j], "released": released, "carrier_shift": round(float(shifts[-1][j]), 5),
             }
+            if floored[j][1] < 1:
+                entry["blend"] = round(floored[j][1], 6)
             if fmt.lossy:
-                pr = psnr_db(vanilla, decoded[j])
-                entry.update(psnr_db_released=_finite(round(pr, 4)),
-                             carrier_shift_lossless=round(float(lossless[j]), 5),
-                             carrier_shift=round(float(kept_shift[j]), 5))
+                pr = psnr_db(vanilla, on_disk[j])
+                entry.update(psnr_db_released=_finite(round(pr, 4)), carrier_shift_lossless=round(float(shifts[0][j]), 5))
                 if released:
                     out["released_psnr"].append(_finite(pr))
             out["entries"].append(entry)
@@ -219,7 +181,8 @@ def _merge(plan: RunPlan, t0: float) -> MarkSummary:
     """Rank 0, once every rank is done: write the record from the journal and its parts, and sum up.
 
     Streams: the journal files are indexed (unit -> line offset) and each unit's line read back in unit
-    order and written to the record at once, so memory does not grow with the number of images.
+    order, twice: once for the carrier shifts (the unmarked threshold needs their median), once to write the
+    record, so memory grows with the number of images by a few bytes only.
     """
     journal = Journal(journal_path(plan.record), plan.identity)
     paths = [journal.path, *part_paths(plan.record)]
@@ -232,25 +195,35 @@ def _merge(plan: RunPlan, t0: float) -> MarkSummary:
             f"{len(missing)} units of the run (e.g. unit {missing[0]}) are in no journal beside {plan.record}: the "
             "output and the record must be on a filesystem that every rank (every node) shares; run again with --resume")
     folder = plan.folder
-    psnr, released_psnr = array("d"), array("d")
+    psnr, released_psnr, shifts = array("d"), array("d"), array("d")
     skipped: dict[str, str] = {}
-    num_marked = num_entries = num_copied = linf_max = 0
-    shift_sums = [0.0, 0.0]  # released marked images: carrier shift before / after a lossy encoding
+    num_marked = num_entries = num_copied = linf_max = identical = blended = 0
+    lossless_sum = 0.0  # marked images' carrier shift before a lossy encoding
+    unmarked: list[dict] = []
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(open(p, "rb")) for p in paths]
-        record = stack.enter_context(atomic_writer(plan.record))
+
+        def unit_lines():
+            for n in range(len(plan.units)):
+                k, pos = where[n]
+                files[k].seek(pos)
+                yield json.loads(files[k].readline())
+
+        shifts.extend(e["carrier_shift"] for r in unit_lines() for e in r["entries"] if "carrier_shift" in e)
+        threshold = unmarked_threshold(np.frombuffer(shifts, dtype=np.float64)) if shifts else None
+        record = stack.enter_context(atomic_writer(plan.record, private=True))
         record.write((json.dumps(plan.header) + "\n").encode())
-        for n in range(len(plan.units)):
-            k, pos = where[n]
-            files[k].seek(pos)
-            r = json.loads(files[k].readline())
+        for r in unit_lines():
             for e in r["entries"]:
+                if threshold is not None and "carrier_shift" in e and e["carrier_shift"] <= threshold:
+                    e["unmarked"] = True
+                    unmarked.append({"source": e["source"], "carrier_shift": e["carrier_shift"], "released": e["released"]})
                 record.write((json.dumps(e) + "\n").encode())
                 num_entries += 1
                 num_marked += e["released"]
-                if e["released"] and "carrier_shift" in e:
-                    shift_sums[0] += e["carrier_shift_lossless"]
-                    shift_sums[1] += e["carrier_shift"]
+                identical += e["psnr_db"] is None
+                blended += "blend" in e
+                lossless_sum += e.get("carrier_shift_lossless", 0.0)
                 linf_max = max(linf_max, e["linf"])
             psnr.extend(p for p in r["psnr"] if p is not None)
             released_psnr.extend(p for p in r.get("released_psnr", []) if p is not None)
@@ -267,6 +240,11 @@ def _merge(plan: RunPlan, t0: float) -> MarkSummary:
     rel = np.frombuffer(released_psnr, dtype=np.float64)
     lossy_psnr = ({"psnr_db_released_mean": float(np.mean(rel)), "psnr_db_released_p5": float(np.percentile(rel, 5))}
                   if plan.output_format.lossy and rel.size else {})
+    stats = shift_stats(np.frombuffer(shifts, dtype=np.float64))
+    survival = {}
+    if plan.output_format.lossy and shifts:
+        survival = {"carrier_shift_lossless_mean": lossless_sum / len(shifts),
+                    "mark_survival": sum(shifts) / lossless_sum if lossless_sum > 0 else None}
     return MarkSummary(
         output=str(plan.output), record=str(plan.record), num_images=len(folder), num_marked=num_marked,
         num_copied=num_copied, num_holdout=num_entries - num_marked, num_withheld=len(plan.withheld),
@@ -274,17 +252,11 @@ def _merge(plan: RunPlan, t0: float) -> MarkSummary:
         ignored=list(folder.ignored),
         psnr_db_mean=float(np.mean(finite)) if finite.size else None,
         psnr_db_p5=float(np.percentile(finite, 5)) if finite.size else None,
-        linf_max=linf_max, seconds=time.time() - t0, output_format=plan.output_format.describe(),
-        **_survival(plan.output_format.lossy, num_marked, *shift_sums), **lossy_psnr,
+        psnr_db_min=float(np.min(finite)) if finite.size else None, identical_images=identical,
+        blended_images=blended, linf_max=linf_max, seconds=time.time() - t0,
+        output_format=plan.output_format.describe(), **stats, unmarked_threshold=threshold,
+        unmarked_images=len(unmarked), unmarked=sorted(unmarked, key=lambda u: u["source"]), **survival, **lossy_psnr,
     )
-
-
-def _survival(lossy: bool, n: int, lossless: float, kept: float) -> dict:
-    """The summary's carrier-shift fields (lossy formats with marked images only)."""
-    if not lossy or n == 0:
-        return {}
-    return {"carrier_shift_lossless_mean": lossless / n, "carrier_shift_mean": kept / n,
-            "mark_survival": kept / lossless if lossless > 0 else None}
 
 
 def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | Path | None = None,
@@ -292,7 +264,9 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
                 config: MarkingConfig = MarkingConfig(), overwrite: bool = False, progress: bool = True,  # noqa: B008
                 device: str = "cpu", holdout_fraction: float = 0.0, strict: bool = False,
                 resume: bool = False, withhold_fraction: float = 0.0, metrics: str | Path | None = None,
-                ranks: Ranks = SINGLE, output_format: OutputFormat = OutputFormat()) -> MarkSummary:  # noqa: B008
+                ranks: Ranks = SINGLE, output_format: OutputFormat = OutputFormat(),  # noqa: B008
+                vault: str | Path | None = None, known_vaults: tuple[str | Path, ...] = (), allow_remark: bool = False,
+                public_notice: bool = False) -> MarkSummary:
     """Mark a fraction of an image folder and write a complete released copy; resumable, and distributable.
 
     Every image of the source is written to ``output`` at the same relative
@@ -301,7 +275,16 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
     which images carry the mark; unmarked images keep their exact pixels. A lossy ``output_format``
     (explicitly allowed) encodes every image, marked or not, in that format instead, and the record and
     summary then measure how much of the mark survived it (``MarkSummary.mark_survival``).
-    The private record (outside the copy) lists each marked image.
+    The private record (outside the copy) lists each marked image. With a ``vault`` (what ``mark`` uses), every
+    private file goes into that one folder, mode 0700 with 0600 files (:mod:`radioactive.vault`): a copy of the
+    key, the record, the holdout images, a manifest of sha256 and the commitment.
+
+    Every marked image is read back from the disk after writing and its carrier shift measured
+    (:mod:`radioactive.marking.verify`): the record's ``carrier_shift``, and the summary's distribution and
+    ``unmarked_images``; :meth:`MarkSummary.check_marked` raises when no image carries the mark. Each image
+    is kept at or above ``config.min_psnr`` dB by scaling its perturbation down
+    (:func:`radioactive.marking.optimise.enforce_min_psnr`; the record's ``blend``). Images with an alpha
+    channel keep it (png, webp): the colour channels carry the mark (docs/images.md).
 
     The run is cut into fixed units (:func:`plan_units`), each journaled beside the record once its files
     are written (:mod:`radioactive.marking.resume`), so a killed run continues with ``resume=True`` and ends
@@ -315,7 +298,18 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
         source: ImageFolder-style folder whose class names are the key's classes.
         key: the key (its carriers and marking network).
         output: folder of the released copy (created; never inside ``source``).
-        record: private record path (JSON lines); default ``<output>.record.jsonl`` beside ``output``.
+        record: the layout before vaults (kept until every caller passes ``vault``): private record path (JSON
+            lines); default ``<output>.record.jsonl`` beside ``output``. Not with ``vault``.
+        vault: the owner's private folder (:mod:`radioactive.vault`): ``record.jsonl``, ``holdout/``, a copy of
+            the key, ``references/``, ``manifest.json`` and ``commitment.json`` go there. Never inside the
+            release, never holding it, neither inside the source. A vault that already holds a record is
+            refused unless ``overwrite``.
+        known_vaults: vaults (or record files) of earlier runs: a source holding an image one of them marked, or
+            a source that is their release, is refused (:mod:`radioactive.marking.verify`), as is one holding
+            the public notice.
+        allow_remark: mark such a source anyway.
+        public_notice: write ``NOTICE.txt`` into the release: it says that the dataset is marked (and gives the
+            commitment), never which images; the one non-image file a release may hold.
         fraction: marked fraction q in (0, 1], chosen per class; or
         files: explicit relative paths to mark (exclusive with ``fraction``).
         seed: seed of the selection and of the augmentation draws.
@@ -350,20 +344,31 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
         RadioactiveError: classes differ from the key's, bad fraction or file list, output inside the
             source, output not empty without ``resume``/``overwrite`` (or with foreign files), both flags,
             ``resume`` with other arguments or nothing to resume, unreadable images with ``strict``; in a
-            distributed run, any rank's failure (on every rank), or a record folder the ranks do not share.
+            distributed run, any rank's failure (on every rank), or a record folder the ranks do not share; a
+            vault inside the release or the source, or holding the release; a vault with a record and no
+            ``overwrite``; a source that is a release (unless ``allow_remark``).
     """
     t0 = time.time()
     source, output = Path(source), Path(output)
+    vault = Path(vault) if vault is not None else None
     plan = ranks.step("checking the inputs", lambda: plan_run(
         source, key, output, record, fraction, files, seed, config, device, holdout_fraction, withhold_fraction, strict,
-        output_format))
+        output_format, vault))
     journal = Journal(journal_path(plan.record), plan.identity)
 
     def open_() -> dict[int, list]:
-        """Rank 0: apply the output rules, start the journal; the kept units' PSNRs, by unit."""
+        """Rank 0: refuse a release as the source, open the vault, apply the output rules, start the journal;
+        the kept units' PSNRs, by unit."""
+        own = [vault] if vault is not None and (vault / RECORD).is_file() else []
+        check_not_a_release(plan.folder, [*own, *known_vaults], allow_remark)
+        if vault is not None:
+            start_vault(vault, overwrite=overwrite, resume=resume)
         ours = {output_name(f, sfx) for f in plan.folder.files for sfx in OUTPUT_FORMATS.values()} | set(plan.folder.files)
+        ours.add(NOTICE)
         done = open_run(output, plan.holdout_dir, ours, journal, resume, overwrite, plan.bases, part_paths(plan.record))
         output.mkdir(parents=True, exist_ok=True)
+        if vault is not None:
+            key.save(vault / KEY)  # the arguments are checked: the vault's copy of the key
         if ranks.distributed:
             journal.close(remove=False)  # every rank, rank 0 included, appends to its own part
         return {n: u["psnr"] for n, u in done.items()}
@@ -397,5 +402,22 @@ def mark_folder(source: str | Path, key: Key, output: str | Path, record: str | 
                 bar.close()
 
     ranks.step("marking", work)
-    summary = ranks.step("writing the record", lambda: _merge(plan, t0) if ranks.rank == 0 else None)
+
+    def finish() -> MarkSummary:
+        """Rank 0: the record, then the vault's manifest and commitment, then the notice."""
+        summary = _merge(plan, t0)
+        if vault is not None:
+            summary.vault = str(vault)
+            summary.commitment = finish_vault(Vault(vault), key, plan.header)["commitment"]
+        if public_notice:
+            atomic_write_bytes(output / NOTICE, notice_text(summary.commitment, __version__).encode())
+            summary.notice = str(output / NOTICE)
+        if summary.unmarked_images:
+            log.warning("%d of %d marked images carry no mark on disk (carrier shift <= %.4g), e.g. %s",
+                        summary.unmarked_images, summary.num_marked_images, summary.unmarked_threshold,
+                        summary.unmarked[0]["source"])
+        summary.seconds = time.time() - t0
+        return summary
+
+    summary = ranks.step("writing the record", lambda: finish() if ranks.rank == 0 else None)
     return ranks.broadcast(summary)

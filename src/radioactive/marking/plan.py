@@ -18,6 +18,7 @@ from .. import __version__
 from ..data import ImageFolder, OutputFormat, display_size, list_image_folder
 from ..errors import RadioactiveError
 from ..keys import Key
+from ..vault import HOLDOUT, RECORD, check_separate
 from .optimise import MarkingConfig
 
 RECORD_SCHEMA = 1
@@ -181,8 +182,10 @@ class RunPlan:
 
 def plan_run(source: Path, key: Key, output: Path, record: Path | None, fraction: float | None, files: list[str] | None,
           seed: int, config: MarkingConfig, device: str, holdout_fraction: float, withhold_fraction: float,
-          strict: bool, output_format: OutputFormat = OutputFormat()) -> RunPlan:  # noqa: B008
-    """Check the arguments and inputs and cut the run into units (see :func:`mark_folder`)."""
+          strict: bool, output_format: OutputFormat = OutputFormat(), vault: Path | None = None) -> RunPlan:  # noqa: B008
+    """Check the arguments and inputs and cut the run into units (see :func:`mark_folder`): with a ``vault``,
+    the record is ``vault/record.jsonl`` and the holdout folder ``vault/holdout``; without one (the layout
+    before vaults), ``record`` or ``<output>.record.jsonl`` and ``<record stem>.holdout`` beside it."""
     folder = list_image_folder(source)
     if tuple(folder.classes) != tuple(key.classes):
         raise RadioactiveError(
@@ -191,6 +194,11 @@ def plan_run(source: Path, key: Key, output: Path, record: Path | None, fraction
             "make the key with `radioactive keygen --data` on this folder"
         )
     check_output_dir(source, output)
+    if vault is not None:
+        if record is not None:
+            raise RadioactiveError("give a vault or a record path, not both: the vault holds the record")
+        check_separate(output, vault, source)
+        record = Path(vault) / RECORD
     record = Path(record) if record else output.parent / f"{output.name}.record.jsonl"
     if record.resolve().is_relative_to(output.resolve()):
         raise RadioactiveError("the private record must be written outside the released copy")
@@ -207,7 +215,7 @@ def plan_run(source: Path, key: Key, output: Path, record: Path | None, fraction
     holdout = select_holdout(folder, holdout_fraction, seed, set(chosen)) if holdout_fraction else []
     withheld = (select_withheld(folder, withhold_fraction, seed, set(chosen) | set(holdout))
                 if withhold_fraction else [])
-    holdout_dir = record.parent / f"{record.stem}.holdout"
+    holdout_dir = Path(vault) / HOLDOUT if vault is not None else record.parent / f"{record.stem}.holdout"
     unreadable: dict[int, str] = {}
     units = plan_units(folder, chosen, holdout, config.batch_size, unreadable, withheld)
     if strict and unreadable:

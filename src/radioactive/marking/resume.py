@@ -66,16 +66,16 @@ def part_paths(record: Path) -> list[Path]:
     return sorted(record.parent.glob(f"{glob.escape(record.name)}.rank*{TEMP_SUFFIX}"))
 
 
-def write_atomic(path: Path, data: bytes) -> str:
+def write_atomic(path: Path, data: bytes, private: bool = False) -> str:
     """Write ``data`` to ``path`` atomically; return its sha256 (hex).
 
     The bytes go through :func:`radioactive.data.atomic_write_bytes` (fsynced, usual permissions, clear errors
     on a full disk or a denied write), staged under a hidden name without an image extension
     (``.tmp-*.partial``) and renamed into place: a run killed at any point leaves no file that an image
     loader (torchvision's ``ImageFolder`` reads hidden files too) would take for an image. ``mark`` deletes
-    such leftovers on ``--resume`` and ``--overwrite``.
+    such leftovers on ``--resume`` and ``--overwrite``. ``private``: mode 0600, new folders 0700 (the vault).
     """
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data, private)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -179,7 +179,8 @@ class Journal:
 
     def start(self, kept: Iterable[dict]) -> None:
         """Write the header and the ``kept`` units atomically (replacing any older journal), then open for appends."""
-        with atomic_writer(self.path) as f:
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # a folder it needs is an ordinary one; the file is 0600
+        with atomic_writer(self.path, private=True) as f:  # it lists the marked images: private like the record
             f.write((self._header() + "\n").encode())
             for u in kept:
                 f.write((json.dumps(u) + "\n").encode())
