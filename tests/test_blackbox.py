@@ -1,4 +1,4 @@
-"""Tests for radioactive.blackbox: the loss, the paired and control tests, the private record, marking with a
+"""Tests for radioactive.blackbox: the loss, the paired effect size (descriptive) and the control test, the private record, marking with a
 withheld (holdout) set on real CIFAR-10 images, black-box detection from an outputs file or a runnable suspect,
 and the ``detect --method black-box`` command line."""
 
@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from scipy import stats as sps
 
 from radioactive.blackbox import (blackbox_detect, control_test, default_mirror_dir, membership_test, mirror_image,
-                                  paired_test, read_outputs_file, read_record, true_class_loss, write_mirror_images)
+                                  paired_effect, read_outputs_file, read_record, true_class_loss, write_mirror_images)
 from radioactive.data import list_image_folder, load_rgb
 from radioactive.detection import DetectionResult
 from radioactive.errors import RadioactiveError
@@ -76,50 +76,6 @@ def test_true_class_loss_bad_kind_raises():
         true_class_loss(np.zeros((2, K)), np.array([0, 1]), "softmax")
 
 
-# ----------------------------------------------------------------------------- paired_test
-
-
-def test_paired_test_positive_shift_small_p():
-    rng = np.random.default_rng(3)
-    lm = rng.random(40)
-    lv = lm + 0.5 + 0.2 * rng.standard_normal(40)  # vanilla loss higher: d > 0
-    lp, n, med = paired_test(lv, lm)
-    assert lp < -6 and n == 40 and med > 0.3
-    # the opposite direction: p ~ 1 (one-sided test)
-    lp2, n2, med2 = paired_test(lm, lv)
-    assert lp2 > -0.01 and n2 == 40 and med2 < 0
-
-
-def test_paired_test_constant_model_gives_p_one():
-    loss = np.full(30, 2.3)
-    lp, n, med = paired_test(loss, loss.copy())
-    assert lp == 0.0 and n == 0 and med == 0.0
-    # float noise below 1e-9 counts as no change
-    lp, n, _ = paired_test(loss + 1e-12, loss)
-    assert lp == 0.0 and n == 0
-
-
-def test_paired_test_drops_non_finite():
-    nan = np.full(10, np.nan)
-    assert paired_test(nan, nan) == (0.0, 0, 0.0)
-    lv = np.array([np.nan, np.inf, 1.0, 2.0, 3.0])
-    lm = np.array([0.0, 0.0, 0.0, np.nan, 0.0])
-    _, n, _ = paired_test(lv, lm)
-    assert n == 2
-
-
-def test_paired_test_underflow_branch_finite_and_monotone():
-    rng = np.random.default_rng(4)
-    n = 20000
-    noise = rng.standard_normal(n)
-    results = [paired_test(noise + s, np.zeros(n)) for s in (1.5, 2.0, 2.5)]
-    lps = [r[0] for r in results]
-    assert all(math.isfinite(v) for v in lps)
-    assert all(v < -400 for v in lps)  # far below float64's smallest p (~1e-324): the log tail was used
-    assert lps[0] > lps[1] > lps[2]
-    assert all(r[1] == n for r in results)
-
-
 def _force_underflow(monkeypatch, name):
     """Make scipy's test report p = 0, so that the log-tail branch is used on data where p is representable."""
     real, calls = getattr(sps, name), []
@@ -133,15 +89,17 @@ def _force_underflow(monkeypatch, name):
     return calls
 
 
-@pytest.mark.parametrize("test", ["paired", "control"])
-def test_underflow_branch_agrees_with_scipy_where_both_apply(monkeypatch, test):
+def test_underflow_branch_agrees_with_scipy_where_both_apply(monkeypatch):
     rng = np.random.default_rng(7)
     d = rng.standard_normal(2000) + 0.4
     other = rng.standard_normal(2000)
-    run = (lambda: paired_test(d, np.zeros(2000))[0]) if test == "paired" else (lambda: control_test(d, other)[0])
+
+    def run():
+        return control_test(d, other)[0]
+
     regular = run()
     assert -300 < regular < -20  # representable: scipy's own p-value was used
-    calls = _force_underflow(monkeypatch, "wilcoxon" if test == "paired" else "mannwhitneyu")
+    calls = _force_underflow(monkeypatch, "mannwhitneyu")
     tail = run()
     assert len(calls) == 1 and calls[0] > 0  # scipy ran, reported p = 0: the log-tail branch gave `tail`
     assert tail == pytest.approx(regular, rel=2e-3)
@@ -196,7 +154,7 @@ def _fake_record(tmp_path, lines, header_extra=None):
     (src / "cat").mkdir(parents=True, exist_ok=True)
     (out / "cat").mkdir(parents=True, exist_ok=True)
     header = {"kind": "radioactive-record", "schema": 1, "source": str(src), "output": str(out),
-              "holdout": None, **(header_extra or {})}
+              "holdout": None, "key_fingerprint": "0123456789abcdef", **(header_extra or {})}
     rec = tmp_path / "r.record.jsonl"
     rec.write_text("\n".join(json.dumps(x) for x in [header, *lines]) + "\n")
     return rec, src, out
@@ -371,9 +329,12 @@ def entries(holdout_run):
 def test_blackbox_constant_outputs_not_detected(holdout_run, entries, tmp_path, ext):
     f = _write_outputs(tmp_path / f"out{ext}", entries, lambda e, v: np.linspace(-1, 1, K))
     res = blackbox_detect(holdout_run["record"], outputs=f)
-    assert isinstance(res, DetectionResult) and res.method == "black-box"
+    assert isinstance(res, DetectionResult) and res.method == "black-box" and res.validity == "approximate"
     assert not res.detected and res.log10_pvalue == 0.0
-    assert res.extra["pairs"] == 0 and res.extra["paired_log10_pvalue"] == 0.0
+    assert res.details.num_released == res.details.num_holdout == 30
+    assert res.details.median_loss_difference_released == res.details.median_loss_difference_holdout == 0.0
+    eff = paired_effect(holdout_run["record"], outputs=f)
+    assert eff.details.pairs == 0 and eff.details.median_loss_difference == 0.0 and eff.detected is None
 
 
 @pytest.mark.parametrize("ext", [".jsonl", ".csv"])
@@ -381,19 +342,20 @@ def test_blackbox_memorising_model_detected_by_control_test(holdout_run, entries
     f = _write_outputs(tmp_path / f"out{ext}", entries, _memorising())
     res = blackbox_detect(holdout_run["record"], outputs=f)
     assert res.detected and res.log10_pvalue < -6
-    assert "Mann-Whitney" in res.extra["test"]
-    assert res.log10_pvalue == res.extra["control_log10_pvalue"]
+    assert res.method == "black-box" and res.validity == "approximate"  # Mann-Whitney's normal approximation
     n_rel = sum(e.released for e in entries)
-    assert res.extra["num_marked_images"] == n_rel == 30 and res.extra["num_holdout_images"] == 30
-    assert res.extra["pairs"] == n_rel
-    assert res.extra["median_loss_difference"] > 0 > res.extra["median_loss_difference_holdout"]
+    assert res.details.num_released == n_rel == 30 and res.details.num_holdout == 30
+    assert res.details.median_loss_difference_released > 0 > res.details.median_loss_difference_holdout
     assert res.classes == sorted(key.classes) and res.key_fingerprint == key.fingerprint
     assert res.to_dict()["verdict"].startswith("DETECTED")
+    eff = paired_effect(holdout_run["record"], outputs=f)
+    assert eff.details.pairs == n_rel and eff.details.median_loss_difference > 0
 
 
 def test_blackbox_key_aware_model_is_not_detected_by_control_test(holdout_run, entries, tmp_path):
     """A model that prefers marked images whether or not they were released (e.g. it knows the key, or marking
-    itself helps) shifts d on both halves: the paired test fires, the exact control test does not."""
+    itself helps) shifts d on both halves: the paired effect is large (the old paired test fired), the control test
+    does not."""
     rng = np.random.default_rng(9)
 
     def fn(e, version):
@@ -401,15 +363,92 @@ def test_blackbox_key_aware_model_is_not_detected_by_control_test(holdout_run, e
         row[e.label] = (4.0 if version == "marked" else 2.0) + 0.3 * rng.standard_normal()
         return row
 
-    res = blackbox_detect(holdout_run["record"], outputs=_write_outputs(tmp_path / "o.jsonl", entries, fn))
-    assert res.extra["paired_log10_pvalue"] < -6
+    f = _write_outputs(tmp_path / "o.jsonl", entries, fn)
+    res = blackbox_detect(holdout_run["record"], outputs=f)
     assert not res.detected and res.log10_pvalue > -3
+    eff = paired_effect(holdout_run["record"], outputs=f)
+    assert eff.details.median_loss_difference > 0.4 and eff.details.fraction_positive > 0.9  # ~0.64 nats, every image
+    assert eff.log10_pvalue is None and eff.detected is None and eff.verdict().startswith("no verdict")
+
+
+# ----------------------------------------------------------------------------- paired effect size (descriptive)
+
+
+def _fixed_shift(marked_logit: float, vanilla_logit: float, nan_for=frozenset()):
+    """Outputs whose true-class logit is ``marked_logit`` on marked versions and ``vanilla_logit`` on vanilla ones
+    (every other logit 0), so d = loss(vanilla) - loss(marked) is the same for every image; NaN rows for the marked
+    versions of the sources in ``nan_for``."""
+
+    def fn(e, version):
+        row = np.zeros(K)
+        row[e.label] = marked_logit if version == "marked" else vanilla_logit
+        return np.full(K, np.nan) if version == "marked" and e.source in nan_for else row
+
+    return fn
+
+
+def _ce(logit: float) -> float:
+    return math.log(K - 1 + math.exp(logit)) - logit
+
+
+def test_paired_effect_is_descriptive_and_measures_the_shift(holdout_run, entries, tmp_path):
+    """The paired statistic has no valid null (issue 16): effect sizes only, never a p-value or a verdict."""
+    record = holdout_run["record"]
+    f = _write_outputs(tmp_path / "up.jsonl", entries, _fixed_shift(4.0, 2.0))
+    eff = paired_effect(record, outputs=f)
+    assert eff.method == "paired" and eff.validity == "descriptive"
+    assert eff.log10_pvalue is None and eff.detected is None and eff.pvalue_text == "n/a (descriptive)"
+    assert eff.verdict().startswith("no verdict") and "DETECTED" not in eff.verdict()
+    d = eff.to_dict()
+    assert d["log10_pvalue"] is None and d["detected"] is None and d["details"]["type"] == "PairedDetails"
+    shift = _ce(2.0) - _ce(4.0)
+    assert eff.details.pairs == 30  # released marked images only, not the 30 withheld ones
+    assert eff.details.median_loss_difference == pytest.approx(shift) and eff.details.fraction_positive == 1.0
+    assert eff.details.queries == 2 * 60  # marked and vanilla versions (no mirror outputs in this file)
+    # the opposite direction
+    down = paired_effect(record, outputs=_write_outputs(tmp_path / "down.jsonl", entries, _fixed_shift(2.0, 4.0)))
+    assert down.details.median_loss_difference == pytest.approx(-shift) and down.details.fraction_positive == 0.0
+    # non-finite outputs are dropped from the pairs
+    bad = frozenset([e.source for e in entries if e.released][::3])
+    part = paired_effect(record, outputs=_write_outputs(tmp_path / "nan.jsonl", entries, _fixed_shift(4.0, 2.0, bad)))
+    assert part.details.pairs == 30 - len(bad) == 20
+    assert part.details.median_loss_difference == pytest.approx(shift)
+
+
+def test_paired_wilcoxon_is_invalid_under_class_shifts_while_the_control_test_holds():
+    """Issue 16's finding, reproduced on synthetic losses: a carrier moves every image of its class the same way,
+    and an innocent model may like or dislike that direction, so its d = loss(vanilla) - loss(marked) carry a
+    random per-class shift (mean 0 over keys). The old paired test (one-sided Wilcoxon signed-rank on the released
+    d) then rejects far more often than alpha; the control test (released against withheld d of the same classes,
+    under random holdout splits) stays within its band."""
+    from radioactive.calibration import summarise
+    from radioactive.detection.blackbox import split_null
+
+    rng = np.random.default_rng(16)
+    classes, per_side, trials = 10, 10, 1000
+    groups = np.repeat(np.arange(classes), 2 * per_side)
+    wilcoxon, control = [], []
+    for t in range(trials):
+        d = 0.5 * rng.standard_normal(classes)[groups] + rng.standard_normal(len(groups))
+        released = np.zeros(len(d), bool)
+        for g in range(classes):
+            released[rng.choice(np.flatnonzero(groups == g), per_side, replace=False)] = True
+        wilcoxon.append(math.log10(sps.wilcoxon(d[released], alternative="greater").pvalue))
+        control.append(split_null(d, groups, {g: per_side for g in range(classes)}, 1, seed=t)[0])
+    old = summarise(wilcoxon, "paired (old Wilcoxon)", "exact")
+    new = summarise(control, "black-box", "approximate", "splits")
+    assert old.fpr["0.05"] > 2 * 0.05 and not old.within_band  # measured: ~0.15
+    assert new.within_band and new.fpr["0.05"] <= new.fpr_interval_99["0.05"][1]
 
 
 def test_blackbox_nan_outputs_not_detected(holdout_run, entries, tmp_path):
     f = _write_outputs(tmp_path / "nan.jsonl", entries, lambda e, v: np.full(K, np.nan))
     res = blackbox_detect(holdout_run["record"], outputs=f)
-    assert not res.detected and res.log10_pvalue == 0.0 and res.extra["pairs"] == 0
+    assert not res.detected and res.log10_pvalue == 0.0
+    assert paired_effect(holdout_run["record"], outputs=f).details.pairs == 0
+    # the result is still written as strict JSON (no NaN) and read back
+    assert math.isfinite(res.details.median_loss_difference_released)
+    assert DetectionResult.load(res.save(tmp_path / "nan-result.json")).to_dict() == res.to_dict()
 
 
 def test_blackbox_outputs_for_no_recorded_image_raise(holdout_run, tmp_path):
@@ -422,8 +461,8 @@ def test_blackbox_outputs_for_no_recorded_image_raise(holdout_run, tmp_path):
 def test_blackbox_partial_outputs_use_covered_images(holdout_run, entries, tmp_path):
     covered = [e for i, e in enumerate(entries) if i % 2 == 0]
     res = blackbox_detect(holdout_run["record"], outputs=_write_outputs(tmp_path / "o.jsonl", covered, _memorising()))
-    assert res.extra["num_marked_images"] + res.extra["num_holdout_images"] == len(covered)
-    assert res.extra["num_marked_images"] == sum(e.released for e in covered)
+    assert res.details.num_released + res.details.num_holdout == len(covered)
+    assert res.details.num_released == sum(e.released for e in covered)
 
 
 @pytest.mark.parametrize("ext, relative", [(".jsonl", False), (".csv", True)])
@@ -465,8 +504,14 @@ def test_blackbox_record_with_some_classes_uses_key_class_order(cifar_small, key
         row[key.classes.index(e.class_name)] = 4.0 if version == "marked" else 1.0
         return row
 
-    res = blackbox_detect(summary.record, outputs=_write_outputs(tmp_path / "o.jsonl", ents, fn))
-    assert res.extra["pairs"] == 24 and res.detected
+    f = _write_outputs(tmp_path / "o.jsonl", ents, fn)
+    eff = paired_effect(summary.record, outputs=f)
+    shift = _ce(1.0) - _ce(4.0)  # read in the key's class order, else the true-class logit would be 0 on both
+    assert eff.details.pairs == 24 and eff.details.median_loss_difference == pytest.approx(shift)
+    assert eff.details.class_median_loss_difference == pytest.approx({"cat": shift, "ship": shift})
+    # no withheld marked images: the control test cannot run, and says why
+    with pytest.raises(RadioactiveError, match="no withheld marked images.*holdout-fraction"):
+        blackbox_detect(summary.record, outputs=f)
 
 
 # ----------------------------------------------------------------------------- mirror images and the mirror tests
@@ -521,14 +566,15 @@ def test_blackbox_mirror_tests_from_outputs(holdout_run, entries, tmp_path):
     mirror = write_mirror_images(holdout_run["record"], tmp_path / "mirror")["mirror"]
     f = _write_outputs(tmp_path / "o.jsonl", entries, _memorising_with_mirror(), mirror=mirror)
     res = blackbox_detect(holdout_run["record"], outputs=f, mirror_root=mirror)
-    assert res.extra["control_mirror_log10_pvalue"] < -6 and res.extra["median_mirror_difference"] > 0
-    means = res.extra["class_mean_mirror_difference"]
-    assert sorted(means) == sorted({e.class_name for e in entries if e.released}) and min(means.values()) > 0
+    eff = paired_effect(holdout_run["record"], outputs=f, mirror_root=mirror)
+    assert res.details.mirror_log10_pvalue < -6 and eff.details.median_mirror_difference > 0
+    medians = eff.details.class_median_loss_difference
+    assert sorted(medians) == sorted({e.class_name for e in entries if e.released}) and min(medians.values()) > 0
     # without the mirror outputs (or at the default folder, which does not exist) the mirror tests are not run
     g = _write_outputs(tmp_path / "g.jsonl", entries, _memorising_with_mirror())
     res2 = blackbox_detect(holdout_run["record"], outputs=g, mirror_root=mirror)
-    assert "median_mirror_difference" not in res2.extra and "control_mirror_log10_pvalue" not in res2.extra
-    assert res2.log10_pvalue == res2.extra["control_log10_pvalue"]
+    assert res2.details.mirror_log10_pvalue is None
+    assert paired_effect(holdout_run["record"], outputs=g, mirror_root=mirror).details.median_mirror_difference is None
 
 
 def test_blackbox_mirror_control_test_ignores_a_model_that_merely_prefers_marked_images(holdout_run, entries,
@@ -545,8 +591,9 @@ def test_blackbox_mirror_control_test_ignores_a_model_that_merely_prefers_marked
     mirror = write_mirror_images(holdout_run["record"], tmp_path / "mirror")["mirror"]
     f = _write_outputs(tmp_path / "o.jsonl", entries, fn, mirror=mirror)
     res = blackbox_detect(holdout_run["record"], outputs=f, mirror_root=mirror)
-    assert res.extra["median_mirror_difference"] > 0.3  # marked fitted better than mirrored, every image
-    assert res.extra["control_mirror_log10_pvalue"] > -3 and not res.detected
+    eff = paired_effect(holdout_run["record"], outputs=f, mirror_root=mirror)
+    assert eff.details.median_mirror_difference > 0.3  # marked fitted better than mirrored, every image
+    assert res.details.mirror_log10_pvalue > -3 and not res.detected
 
 
 # ----------------------------------------------------------------------------- blackbox_detect on a runnable suspect
@@ -567,15 +614,17 @@ def test_blackbox_runnable_suspect(holdout_run, entries, key, tmp_path):
     w = np.random.default_rng(12).standard_normal((K, key.dim)) / np.sqrt(key.dim)
     suspect = _write_suspect(tmp_path / "suspect.safetensors", w, key.classes, key.network)
     res = blackbox_detect(holdout_run["record"], suspect=suspect)
-    assert isinstance(res, DetectionResult) and res.method == "black-box"
+    assert isinstance(res, DetectionResult) and res.method == "black-box" and res.validity == "approximate"
     assert math.isfinite(res.log10_pvalue) and res.log10_pvalue <= 0
     n_rel = sum(e.released for e in entries)
-    assert res.extra["pairs"] == n_rel == 30  # every released marked image changed the suspect's loss
-    assert res.extra["num_holdout_images"] == 30 and "Mann-Whitney" in res.extra["test"]
+    eff = paired_effect(holdout_run["record"], suspect=suspect)
+    assert eff.details.pairs == n_rel == 30  # every released marked image changed the suspect's loss
+    assert res.details.num_released == res.details.num_holdout == 30
+    assert res.details.queries == 3 * 60  # marked, vanilla and mirror of every marked image
     assert res.suspect["path"] == str(suspect)
     assert not res.detected  # random head that never saw the release (p not below 1e-3)
     # the mirrors are computed on the fly for a runnable suspect
-    assert math.isfinite(res.extra["median_mirror_difference"]) and -3 < res.extra["control_mirror_log10_pvalue"] <= 0
+    assert math.isfinite(eff.details.median_mirror_difference) and -3 < res.details.mirror_log10_pvalue <= 0
 
 
 # ----------------------------------------------------------------------------- command line
@@ -594,12 +643,12 @@ def test_cli_detect_black_box(holdout_run, entries, tmp_path):
     assert "DETECTED" in proc.stderr
 
 
-def test_cli_black_box_without_record_is_usage_error(tmp_path):
+def test_cli_black_box_without_record_is_one_line_error(tmp_path):
     f = tmp_path / "api.jsonl"
     f.write_text(json.dumps({"path": "x.png", "logits": [0.0] * K}) + "\n")
     proc = subprocess.run([sys.executable, "-m", "radioactive", "detect", "--method", "black-box", "--outputs", str(f)],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 1, proc.stderr  # a missing private file: an error, not a usage error
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "--record" in lines[0] and "Traceback" not in proc.stderr
     assert proc.stdout == ""
@@ -613,7 +662,27 @@ def test_cli_black_box_classes_restricts_the_test(holdout_run, entries, tmp_path
                "--classes", "ship,cat"])
     assert rc == 0, capsys.readouterr().err
     out = json.loads(capsys.readouterr().out)
-    assert sorted(out["classes"]) == ["cat", "ship"] and out["extra"]["num_marked_images"] == 6
+    assert sorted(out["classes"]) == ["cat", "ship"] and out["details"]["num_released"] == 6
+    # a class named twice would count twice: refused, one line
+    rc = main(["detect", "--method", "black-box", "--record", str(holdout_run["record"]), "--outputs", str(f),
+               "--classes", "cat,ship,cat"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "more than once" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_paired_is_descriptive(holdout_run, entries, tmp_path, capsys):
+    from radioactive.cli import main
+
+    f = _write_outputs(tmp_path / "api.jsonl", entries, _memorising())
+    assert main(["detect", "--method", "paired", "--record", str(holdout_run["record"]), "--outputs", str(f),
+                 "--output", str(tmp_path / "paired.json")]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["method"] == "paired" and out["validity"] == "descriptive"
+    assert out["log10_pvalue"] is None and out["detected"] is None and out["verdict"].startswith("no verdict")
+    assert out["details"]["pairs"] == 30 and out["details"]["median_loss_difference"] > 0
+    assert "DETECTED" not in captured.err and "no verdict" in captured.err
+    assert DetectionResult.load(tmp_path / "paired.json").to_dict()["verdict"] == out["verdict"]
 
 
 # ----------------------------------------------------------------------------- membership test
@@ -684,4 +753,4 @@ def test_cli_mirror_images_then_black_box_with_mirror_outputs(holdout_run, entri
                "--mirror", str(folder)])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["extra"]["control_mirror_log10_pvalue"] < -6
+    assert out["details"]["mirror_log10_pvalue"] < -6

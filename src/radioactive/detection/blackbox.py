@@ -173,6 +173,8 @@ def blackbox_detect(record: str | Path, suspect: str | Path | None = None, outpu
                                "with --holdout-fraction); without them only the descriptive --method paired runs")
     d = ml.vanilla - ml.marked
     log10_p, med_b = control_test(d[ml.released], d[~ml.released])
+    finite = d[ml.released][np.isfinite(d[ml.released])]
+    med_a = float(np.median(finite)) if len(finite) else 0.0  # as control_test's med_b: never NaN (strict JSON)
     mirror_p = None
     if ml.mirror is not None:
         dx = ml.mirror - ml.marked
@@ -182,7 +184,7 @@ def blackbox_detect(record: str | Path, suspect: str | Path | None = None, outpu
         classes=sorted(set(ml.classes)), key_fingerprint=ml.key_fingerprint,
         suspect={"path": str(suspect or outputs)}, settings={"classes": list(only_classes) if only_classes else None},
         details=ControlDetails(int(ml.released.sum()), int((~ml.released).sum()),
-                               float(np.nanmedian(d[ml.released])), med_b, mirror_p, ml.queries),
+                               med_a, med_b, mirror_p, ml.queries),
         seconds=time.time() - t0,
     )
 
