@@ -61,13 +61,15 @@ def test_mark_cli_refuses_lossy_without_allow_lossy(cifar_small, tmp_path):
     subprocess.run([sys.executable, "-m", "radioactive", "keygen", "--data", str(cifar_small[0]), "--seed", "1",
                     "--output", str(key)], check=True, capture_output=True)
     proc = subprocess.run([sys.executable, "-m", "radioactive", "mark", "--source", str(cifar_small[0]), "--key", str(key),
-                           "--fraction", "0.1", "--output", str(tmp_path / "rel"), "--output-format", "jpeg"],
+                           "--fraction", "0.1", "--output", str(tmp_path / "rel"), "--vault", str(tmp_path / "vault"),
+                           "--output-format", "jpeg"],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 2, proc.stderr
     assert "--allow-lossy" in proc.stderr and "lossy" in proc.stderr
-    assert not (tmp_path / "rel").exists() and not (tmp_path / "rel.record.jsonl").exists()
+    assert not (tmp_path / "rel").exists() and not (tmp_path / "vault").exists()
     png_quality = subprocess.run([sys.executable, "-m", "radioactive", "mark", "--source", str(cifar_small[0]), "--key",
-                                  str(key), "--fraction", "0.1", "--output", str(tmp_path / "rel"), "--quality", "80"],
+                                  str(key), "--fraction", "0.1", "--output", str(tmp_path / "rel"), "--vault",
+                                  str(tmp_path / "vault"), "--quality", "80"],
                                  capture_output=True, text=True, check=False)
     assert png_quality.returncode == 2 and "lossless" in png_quality.stderr
     assert not (tmp_path / "rel").exists()
@@ -138,7 +140,9 @@ def test_png_run_records_no_survival_fields(cifar_small, key, tmp_path):
                           progress=False)
     lines = (tmp_path / "rel.record.jsonl").read_text().splitlines()
     assert "output_format" not in json.loads(lines[0])
-    assert all("carrier_shift" not in json.loads(x) for x in lines[1:])
+    entries = [json.loads(x) for x in lines[1:]]
+    # the shift as re-read from disk is recorded for every format; the lossless one only for lossy formats
+    assert all("carrier_shift" in e and "carrier_shift_lossless" not in e for e in entries)
     assert summary.mark_survival is None and summary.output_format == "png"
     # a later run in another format may --overwrite this one: the old png files are ours, and removed
     mark_folder(cifar_small[0], key, tmp_path / "rel", fraction=0.1, config=MarkingConfig(steps=1), progress=False,

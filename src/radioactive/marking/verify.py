@@ -96,17 +96,7 @@ def release_evidence(folder: ImageFolder, records: Iterable[str | os.PathLike]) 
     Raises:
         RadioactiveError: a vault or record that cannot be read.
     """
-    notice = folder.root / NOTICE
-    if notice.is_file():
-        try:
-            first = notice.read_text(errors="replace").splitlines()[:1]
-        except OSError:
-            first = []
-        if first == [NOTICE_TITLE]:
-            return f"it holds the public notice {notice} that `radioactive mark --public-notice` writes"
     records = _record_paths(records)
-    if not records:
-        return None
     src = folder.root.resolve()
     marked: dict[str, str] = {}
     for record in records:
@@ -119,9 +109,18 @@ def release_evidence(folder: ImageFolder, records: Iterable[str | os.PathLike]) 
                 e = json.loads(line)
                 if e.get("sha256"):
                     marked.setdefault(e["sha256"], str(record))
-    for rel in folder.files:
-        if sha256_file(folder.root / rel) in marked:
-            return f"its image {rel} is an image that the record {marked[sha256_file(folder.root / rel)]} marked"
+    for rel in folder.files if marked else ():
+        digest = sha256_file(folder.root / rel)
+        if digest in marked:
+            return f"its image {rel} is an image that the record {marked[digest]} marked"
+    notice = folder.root / NOTICE
+    if notice.is_file():
+        try:
+            first = notice.read_text(errors="replace").splitlines()[:1]
+        except OSError:
+            first = []
+        if first == [NOTICE_TITLE]:
+            return f"it holds the public notice {notice} that `radioactive mark --public-notice` writes"
     return None
 
 
