@@ -15,6 +15,7 @@ from radioactive.decoys import decoy_carrier_detect, record_marking_config
 from radioactive.errors import RadioactiveError
 from radioactive.keys import generate_key
 from radioactive.marking import MarkingConfig, mark_folder
+from radioactive.stats import fisher_log10_pvalue
 
 CFG = MarkingConfig(steps=10, batch_size=32)
 N, M = 2, 3
@@ -36,14 +37,22 @@ def test_record_marking_config_round_trips(release):
 
 def test_a_suspect_that_learnt_the_carriers_ranks_first_in_every_class(release, key, tmp_path):
     """Classifier rows along the carriers: marking with the real carrier raises the true class's logit, a decoy
-    does not, so the real carrier beats all M decoys in every class and p reaches its floor."""
+    does not, so the real carrier beats the M decoys and p_k reaches its floor.
+
+    With n = 2 images per class T_k is noisy (measured: the decoys' T_k spread by ~60 around 0, the real carrier's
+    is 50 to 180), so the real carrier ranks first in most classes, not in every one: 8, 9 and 9 of 10 with decoy
+    seeds 0, 1, 2 of the stream derived from the key. (It ranked first in all 10 with the old stream, by chance.)"""
     suspect = linear_probe(tmp_path / "s.safetensors", 50.0 * key.carriers.numpy(), key)
     res = decoy_carrier_detect(release, key, suspect, per_class=N, decoys=M, seed=0)
-    assert res.method == "black-box decoy-carrier" and len(res.classes) == len(key.classes)
-    np.testing.assert_allclose(res.class_log10_pvalues, -math.log10(M + 1))
-    assert res.log10_pvalue == pytest.approx(res.extra["smallest_reachable_log10_pvalue"])
-    assert res.extra["images_per_class"] == [N] * len(key.classes)
-    assert all(r > d for r, d in zip(res.extra["real_statistic"], res.extra["decoy_statistic_mean"]))
+    assert res.method == "decoy-carrier" and res.validity == "conservative" and len(res.classes) == len(key.classes)
+    first = np.isclose(res.class_log10_pvalues, -math.log10(M + 1))
+    assert first.sum() >= 8
+    assert res.details.smallest_reachable_log10_pvalue == pytest.approx(
+        float(fisher_log10_pvalue(np.full(len(key.classes), -math.log10(M + 1)))))
+    assert res.details.smallest_reachable_log10_pvalue <= res.log10_pvalue < -0.5
+    assert res.details.images_per_class == [N] * len(key.classes) and res.details.decoy_carriers == M
+    assert all(r > d for r, d in zip(res.details.real_statistic, res.details.decoy_statistic_mean))
+    assert key.fingerprint in res.details.decoy_stream and "decoy carriers" in res.details.decoy_stream
 
 
 def test_a_suspect_independent_of_the_key_is_not_detected(release, key, tmp_path):
@@ -55,7 +64,7 @@ def test_a_suspect_independent_of_the_key_is_not_detected(release, key, tmp_path
     assert not res.detected and res.log10_pvalue > -3
     # the suspect as its own reference: every statistic is 0, every rank ties, p = 1
     res2 = decoy_carrier_detect(release, key, suspect, reference=suspect, per_class=N, decoys=M, seed=1)
-    assert res2.log10_pvalue == 0.0 and res2.extra["real_statistic"] == [0.0] * len(key.classes)
+    assert res2.log10_pvalue == 0.0 and res2.details.real_statistic == [0.0] * len(key.classes)
 
 
 def test_wrong_key_and_bad_sizes_raise(release, key, tmp_path):
@@ -76,13 +85,21 @@ def test_cli_decoy_carrier(release, key, tmp_path, capsys):
                "--suspect", str(suspect), "--per-class", str(N), "--decoy-carriers", str(M)])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["method"] == "black-box decoy-carrier" and out["extra"]["decoy_carriers"] == M
-    assert out["log10_pvalue"] == pytest.approx(out["extra"]["smallest_reachable_log10_pvalue"])
+    assert out["method"] == "decoy-carrier" and out["details"]["decoy_carriers"] == M
+    assert out["details"]["type"] == "DecoyCarrierDetails" and out["validity"] == "conservative"
+    assert np.isclose(out["class_log10_pvalues"], -math.log10(M + 1)).sum() >= 8  # as in the library test above
+    assert out["details"]["smallest_reachable_log10_pvalue"] <= out["log10_pvalue"] < -0.5
     (tmp_path / "res.json").write_text(json.dumps(out))  # the HTML report renders this result
     assert main(["report", "--result", str(tmp_path / "res.json"), "--output", str(tmp_path / "r.html")]) == 0
     page = (tmp_path / "r.html").read_text()
     assert "decoy-carrier" in page and page.count("<tr><td>") == len(key.classes)
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:  # usage error: exit status 2, one line naming what is missing
-        main(["detect", "--method", "decoy-carrier", "--record", str(release), "--suspect", str(suspect)])
-    assert e.value.code == 2 and "--key" in capsys.readouterr().err
+    # the key is missing: an error (exit status 1), one line naming the flag
+    assert main(["detect", "--method", "decoy-carrier", "--record", str(release), "--suspect", str(suspect)]) == 1
+    err = capsys.readouterr().err
+    assert "--key" in err and len(err.strip().splitlines()) == 1
+    # a white-box setting is refused by this method: usage error, exit status 2
+    with pytest.raises(SystemExit) as e:
+        main(["detect", "--method", "decoy-carrier", "--record", str(release), "--key", str(tmp_path / "key.safetensors"),
+              "--suspect", str(suspect), "--decoy-keys", "5"])
+    assert e.value.code == 2 and "--decoy-keys does not apply to --method decoy-carrier" in capsys.readouterr().err
