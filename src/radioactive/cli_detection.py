@@ -84,7 +84,8 @@ def _suspect_flags(p, existing) -> None:
     g.add_argument("--outputs", type=existing, default=None,
                    help="JSON lines or CSV of the suspect's outputs from an API (path, logits or probs)")
     g.add_argument("--labels", type=existing, default=None,
-                   help="the suspect's top-k labels only (no valid label-only test exists yet: refused)")
+                   help="an API's top-k labels on the label-only test's query images (JSON lines {path, labels}; "
+                        "write the queries with label-queries)")
     p.add_argument("--output-classes", default=None,
                    help="with --outputs or --arch: the suspect's class names in output order, comma-separated "
                         "(default: the key's order)")
@@ -161,6 +162,11 @@ def add_commands(subs, sub, existing, alpha_type, positive_int, nonneg_int) -> N
     r.add_argument("--record", type=existing, default=None, help="the private record (without --vault)")
     r.add_argument("--output", type=Path, required=True, help="HTML file to write")
 
+    lq = sub(subs, "label-queries", "write the label-only test's query images, to send to a label-only API",
+             "radioactive label-queries --vault owner-vault --output queries/   # then audit --labels answers.jsonl")
+    lq.add_argument("--vault", type=existing, required=True, help="the owner's vault (its plan's labels settings)")
+    lq.add_argument("--output", type=Path, required=True, help="folder to create for the query images")
+
     mi = sub(subs, "mirror-images", "write the mirrors of the marked images (the mark subtracted) to query an API with",
              "radioactive mirror-images --vault owner-vault   # then add their outputs to --outputs")
     g = mi.add_mutually_exclusive_group(required=True)
@@ -170,7 +176,7 @@ def add_commands(subs, sub, existing, alpha_type, positive_int, nonneg_int) -> N
     del ACCESS
 
 
-COMMANDS = ("audit", "detect", "plan", "calibrate", "report", "mirror-images")
+COMMANDS = ("audit", "detect", "plan", "calibrate", "report", "mirror-images", "label-queries")
 
 
 def _given_settings(args) -> dict:
@@ -204,8 +210,7 @@ def _suspect(args, parser, key=None):
     from .suspects import IMAGENET_MEAN, IMAGENET_STD, state_dict_suspect
 
     if args.labels is not None:
-        raise RadioactiveError("no valid label-only test exists yet (labels-only access); give --outputs with logits "
-                               "or probabilities, or --suspect")
+        return SuspectAccess.of_labels(args.labels)
     if args.arch is not None:
         if args.suspect is None:
             parser.error("--arch describes the state dict given with --suspect")
@@ -419,7 +424,18 @@ def run_mirror(args, parser) -> dict:
     return write_mirror_images(record, args.output)
 
 
+def run_label_queries(args, parser) -> dict:
+    from .detection.labels import write_label_queries
+    from .detection.plan import read_plan
+
+    plan = read_plan(args.vault)
+    if "labels" not in plan.methods:
+        raise RadioactiveError("the vault's plan has no labels test: add it first (radioactive plan --methods ...)")
+    return write_label_queries(args.vault, args.output, plan.config("labels"))
+
+
 def run(args, parser) -> dict:
     """Dispatch one of :data:`COMMANDS`; returns the JSON object to print."""
     return {"audit": run_audit, "detect": run_detect, "plan": run_plan, "calibrate": run_calibrate,
-            "report": run_report, "mirror-images": run_mirror}[args.command](args, parser)
+            "report": run_report, "mirror-images": run_mirror,
+            "label-queries": run_label_queries}[args.command](args, parser)

@@ -16,4 +16,5 @@ from .gradient import TEMPERATURE, gradient_detect, pulled_back_gradients  # noq
 from .decoys import decoy_carrier_detect, decoy_marks  # noqa: F401
 from .blackbox import blackbox_detect, paired_effect  # noqa: F401
 from .membership import membership_detect  # noqa: F401
+from .labels import labels_detect, write_label_queries  # noqa: F401
 from .audit import AuditResult, audit, holm  # noqa: F401

@@ -97,6 +97,14 @@ class SuspectAccess:
             raise RadioactiveError(f"outputs file not found: {path}")
         return cls("outputs", outputs=path, classes=tuple(classes) if classes else None)
 
+    @classmethod
+    def of_labels(cls, path: str | Path) -> SuspectAccess:
+        """Access through an API's top-k labels on the label-only test's query images (``label-queries``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise RadioactiveError(f"labels file not found: {path}")
+        return cls("labels", outputs=path)
+
     def describe(self) -> dict:
         """What the result records about the suspect."""
         from ..data import sha256_file
