@@ -49,10 +49,11 @@ def test_membership_test_detects_a_model_trained_on_the_release_and_not_one_trai
     control = train(cifar_small[0], cifar_small[1], tmp_path / "control.safetensors", recipe, progress=False).weights
     hit = membership_detect(record, suspect)
     null = membership_detect(record, control)
-    assert hit.method == "membership" and hit.extra["num_withheld"] == 30
-    assert hit.log10_pvalue < -3 and hit.detected, hit.extra
-    assert hit.extra["median_loss_withheld"] > hit.extra["median_loss_released"]
-    assert null.log10_pvalue > -2 and not null.detected, null.extra
+    assert hit.method == "membership" and hit.validity == "conservative" and hit.details.num_withheld == 30
+    assert hit.log10_pvalue < -3 and hit.detected, hit.details
+    assert hit.details.median_loss_withheld > hit.details.median_loss_released
+    assert hit.details.statistic > 0 and hit.to_dict()["details"]["type"] == "MembershipDetails"
+    assert null.log10_pvalue > -2 and not null.detected, null.details
     assert "trained on the release" in hit.verdict()
 
 
@@ -64,4 +65,12 @@ def test_membership_cli_and_a_record_without_withheld_images(withheld_run, cifar
         membership_detect(tmp_path / "plain.record.jsonl", outputs=record)
     with pytest.raises(SystemExit) as e:  # needs a suspect or outputs: a usage error
         main(["detect", "--method", "membership", "--record", str(record)])
-    assert e.value.code == 2 and "membership detection needs" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "give the suspect: --suspect" in err and len(err.strip().splitlines()) == 1
+    # membership does not take classes, nor another test's settings: usage errors, one line each
+    for extra in (["--classes", "cat"], ["--temperature", "4"]):
+        with pytest.raises(SystemExit) as e:
+            main(["detect", "--method", "membership", "--record", str(record), "--outputs", str(record), *extra])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"{extra[0]} does not apply to --method membership" in err
+        assert len(err.strip().splitlines()) == 1

@@ -256,6 +256,8 @@ def _refuse_foreign(args, parser, entry) -> None:
     bad = [f"--{k.replace('_', '-')}" for k in _given_settings(args) if k not in mine]
     bad += [f"--{flag}" for flag, need in _OWNER_FLAGS.items()
             if getattr(args, flag, None) is not None and need not in entry.reads]
+    if getattr(args, "classes", None) is not None and "classes" not in {f.name for f in dataclasses.fields(entry.config)}:
+        bad.append("--classes")  # e.g. membership: its config has no classes (a TypeError before this check)
     if getattr(args, "plot", None) is not None and entry.name not in ("white-box", "gradient"):
         bad.append("--plot")
     if getattr(args, "mirror", None) is not None and "outputs" not in entry.access:
