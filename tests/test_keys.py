@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from radioactive.errors import RadioactiveError
-from radioactive.keys import Key, carriers_fingerprint, generate_key, key_from_numpy, random_carriers
+from radioactive.keys import Key, carriers_fingerprint, generate_key, key_fingerprint, key_from_numpy, random_carriers
 from radioactive.networks import MarkingNetworkSpec
 
 
@@ -66,7 +66,7 @@ def test_save_load_roundtrip(key, tmp_path):
     assert torch.equal(loaded.carriers, key.carriers)
     assert loaded.classes == key.classes
     assert loaded.network == key.network and loaded.network.weights_sha256 == key.network.weights_sha256
-    assert loaded.fingerprint == key.fingerprint == carriers_fingerprint(key.carriers)
+    assert loaded.fingerprint == key.fingerprint == key_fingerprint(key.carriers, key.classes)
     assert loaded.seed == 1
 
 
@@ -75,7 +75,7 @@ def test_saved_key_is_self_describing(key, tmp_path):
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["radioactive"])
         assert list(f.keys()) == ["carriers"]
-    assert meta["schema"] == 1 and meta["kind"] == "radioactive-key"
+    assert meta["schema"] == 2 and meta["kind"] == "radioactive-key"
     assert meta["classes"] == list(key.classes) and meta["dim"] == 1280
     assert meta["network"]["weights_sha256"] == key.network.weights_sha256
 
@@ -160,4 +160,29 @@ def test_load_malformed_key_metadata_raises(tmp_path, meta):
     path = tmp_path / "k.key"
     save_file({"carriers": torch.ones(1, 4) / 2}, str(path), metadata={"radioactive": meta})
     with pytest.raises(RadioactiveError):
+        Key.load(path)
+
+
+def test_fingerprint_covers_class_names_and_order(key):
+    """Issue 16: the fingerprint covered the carriers only, so the same carriers under other classes matched."""
+    swapped = Key(key.carriers, tuple(reversed(key.classes)), key.network, key.seed)
+    renamed = Key(key.carriers, ("renamed",) + tuple(key.classes[1:]), key.network, key.seed)
+    assert len({key.fingerprint, swapped.fingerprint, renamed.fingerprint}) == 3
+    assert key.fingerprint != carriers_fingerprint(key.carriers)  # not the carriers-only hash any more
+
+
+def test_schema1_key_still_read(key, tmp_path):
+    """A key written before the fingerprint covered the classes (schema 1) loads, checked with its own fingerprint."""
+    import json
+
+    from safetensors.torch import save
+
+    meta = {"schema": 1, "kind": "radioactive-key", "classes": list(key.classes), "network": key.network.to_dict(),
+            "dim": key.dim, "seed": key.seed, "fingerprint": carriers_fingerprint(key.carriers)}
+    path = tmp_path / "old.safetensors"
+    path.write_bytes(save({"carriers": key.carriers.contiguous()}, metadata={"radioactive": json.dumps(meta)}))
+    assert Key.load(path).fingerprint == key.fingerprint
+    meta["fingerprint"] = "0" * 16
+    path.write_bytes(save({"carriers": key.carriers.contiguous()}, metadata={"radioactive": json.dumps(meta)}))
+    with pytest.raises(RadioactiveError, match="fingerprint"):
         Key.load(path)

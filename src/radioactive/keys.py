@@ -23,13 +23,26 @@ from . import __version__
 from .errors import RadioactiveError
 from .networks import MarkingNetworkSpec
 
-KEY_SCHEMA = 1
+KEY_SCHEMA = 2
+"""2: the fingerprint covers the class names and their order (schema 1 keys, carriers only, are still read)."""
 
 
 def carriers_fingerprint(carriers: torch.Tensor) -> str:
-    """First 16 hex digits of the sha256 of the float32 carriers (row-major)."""
+    """Schema 1's fingerprint: first 16 hex digits of the sha256 of the float32 carriers (row-major) alone."""
     data = carriers.detach().to(torch.float32).contiguous().cpu().numpy().tobytes()
     return hashlib.sha256(data).hexdigest()[:16]
+
+
+def key_fingerprint(carriers: torch.Tensor, classes: tuple[str, ...] | list[str]) -> str:
+    """First 16 hex digits of sha256 over a domain tag, the float32 carriers (row-major) and each class name in
+    order (4-byte big-endian length, then UTF-8): two keys with the same carriers but classes in another order, or
+    other names, have different fingerprints."""
+    h = hashlib.sha256(b"radioactive-key-fingerprint-2\0")
+    h.update(carriers.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    for name in classes:
+        data = str(name).encode("utf-8")
+        h.update(len(data).to_bytes(4, "big") + data)
+    return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -41,7 +54,7 @@ class Key:
         classes: the K class names, in the order of ``carriers``' rows.
         network: the marking network the carriers live in.
         seed: the seed the carriers were drawn from (secret like the carriers).
-        fingerprint: identifies the carriers (see :func:`carriers_fingerprint`).
+        fingerprint: identifies the carriers and the classes in order (see :func:`key_fingerprint`).
     """
 
     carriers: torch.Tensor
@@ -56,7 +69,7 @@ class Key:
                 f"carriers must be (K, D) with K = {len(self.classes)} classes, got {tuple(self.carriers.shape)}"
             )
         if not self.fingerprint:
-            object.__setattr__(self, "fingerprint", carriers_fingerprint(self.carriers))
+            object.__setattr__(self, "fingerprint", key_fingerprint(self.carriers, self.classes))
 
     @property
     def dim(self) -> int:
@@ -106,16 +119,17 @@ class Key:
                 carriers = f.get_tensor("carriers")
         except Exception as e:
             raise RadioactiveError(f"{path} is not a radioactive key (not a safetensors file with key metadata)") from e
-        if not isinstance(meta, dict) or meta.get("schema") != KEY_SCHEMA:
+        if not isinstance(meta, dict) or meta.get("schema") not in (1, KEY_SCHEMA):
             schema = meta.get("schema") if isinstance(meta, dict) else None
-            raise RadioactiveError(f"{path}: not a key of schema {KEY_SCHEMA} (schema {schema})")
+            raise RadioactiveError(f"{path}: not a key of schema 1 or {KEY_SCHEMA} (schema {schema})")
         try:
             key = cls(carriers, tuple(meta["classes"]), MarkingNetworkSpec(**meta["network"]), meta.get("seed"))
             recorded = meta["fingerprint"]
         except (KeyError, TypeError, ValueError) as e:
             raise RadioactiveError(f"{path}: malformed key metadata ({e!r})") from e
-        if key.fingerprint != recorded:
-            raise RadioactiveError(f"{path}: carriers do not match the recorded fingerprint (file damaged?)")
+        expected = carriers_fingerprint(carriers) if meta["schema"] == 1 else key.fingerprint
+        if expected != recorded:
+            raise RadioactiveError(f"{path}: carriers and classes do not match the recorded fingerprint (file damaged?)")
         net = key.network
         if net.path and not Path(net.path).is_file() and (path.parent / Path(net.path).name).is_file():
             # a trained marking network moved with its key (same folder); its sha256 is checked when it is loaded
