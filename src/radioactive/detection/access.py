@@ -86,7 +86,8 @@ class SuspectAccess:
             meta["classes"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise RadioactiveError(f"suspect description not readable: {side} ({e}); write one with 'architecture', "
-                                   "'classes' and 'preprocessing' (docs/formats.md)") from e
+                                   "'classes' and 'preprocessing' (docs/formats.md), or give a state dict's "
+                                   "architecture with --arch") from e
         return cls("runnable" if meta.get("architecture") == "onnx" else "weights", path=path)
 
     @classmethod
