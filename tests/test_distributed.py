@@ -72,10 +72,14 @@ def test_marking_threads_are_fixed_and_restored():
 # ----------------------------------------------------------------------------- torchrun, 2 CPU processes
 
 
+TIMED = ("vault/audit-plan.json", "vault/manifest.json", "vault/commitment.json")  # they say when they were made
+
+
 def tree(base: Path) -> dict[str, bytes]:
-    """Every file under ``base`` but the key and the metrics files, as {relative path: bytes}."""
+    """Every file under ``base`` but the keys, the metrics files and the vault's files that hold a time (the audit
+    plan, hence the manifest, and the commitment), as {relative path: bytes}."""
     return {p.relative_to(base).as_posix(): p.read_bytes() for p in sorted(base.rglob("*"))
-            if p.is_file() and not p.name.startswith(("key", "metrics"))}
+            if p.is_file() and not p.name.startswith(("key", "metrics")) and p.relative_to(base).as_posix() not in TIMED}
 
 
 def clear(base: Path) -> None:
@@ -87,7 +91,7 @@ def clear(base: Path) -> None:
 def command(nproc: int, src: Path, key_file: Path, out: Path, *extra) -> list[str]:
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
     return [*launch, "-m", "radioactive", "mark", "--source", str(src), "--key", str(key_file), "--output", str(out),
-            *ARGS, *map(str, extra)]
+            "--vault", str(out.parent / "vault"), *ARGS, *map(str, extra)]
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -109,7 +113,7 @@ def reference(cifar_small, base):
     out, key_file = base
     proc = run(command(0, cifar_small[0], key_file, out))
     ref = tree(out.parent)
-    assert len([f for f in ref if f.startswith("out/")]) == 120 and "out.record.jsonl" in ref
+    assert len([f for f in ref if f.startswith("out/")]) == 120 and "vault/record.jsonl" in ref
     return ref, proc.stderr
 
 
@@ -130,7 +134,8 @@ def test_two_processes_write_the_same_bytes_as_one(cifar_small, work, reference)
     got = tree(out.parent)
     assert sorted(got) == sorted(ref)
     assert [f for f in ref if got[f] != ref[f]] == []
-    assert not journal_path(out.parent / "out.record.jsonl").exists() and not part_paths(out.parent / "out.record.jsonl")
+    assert not journal_path(out.parent / "vault" / "record.jsonl").exists()
+    assert not part_paths(out.parent / "vault" / "record.jsonl")
     summaries = [ln for ln in proc.stdout.splitlines() if ln.startswith('  "num_marked"')]
     assert summaries == ['  "num_marked": 60,'], "rank 0 alone prints the summary"
     # each rank logged its own units, every unit once
@@ -182,7 +187,7 @@ def kill_midway(cmd: list[str], record: Path) -> None:
 def test_killed_distributed_run_resumes_to_the_same_bytes(cifar_small, work, reference, resume_nproc):
     out, key_file = work
     ref, _ = reference
-    record = out.parent / "out.record.jsonl"
+    record = out.parent / "vault" / "record.jsonl"
     kill_midway(command(2, cifar_small[0], key_file, out), record)
     metrics = out.parent / "metrics.jsonl"
     run(command(resume_nproc, cifar_small[0], key_file, out, "--resume", "--metrics", metrics))

@@ -282,6 +282,29 @@ def test_rgb_colour_key_transparency(tmp_path, photo):
     assert np.array_equal(a, expected) and not np.array_equal(a, photo)
 
 
+def test_alpha_and_colour_kept_beside_the_composite(tmp_path, photo, photo2):
+    from radioactive.data import apply_delta, encode_png
+
+    alpha = np.asarray(Image.fromarray(photo2).convert("L"))
+    image = read_image(_save(Image.fromarray(np.dstack([photo, alpha]), "RGBA"), tmp_path / "t.png"))
+    assert np.array_equal(image.alpha, alpha) and np.array_equal(image.colour, photo)
+    assert read_image(_save(Image.fromarray(photo), tmp_path / "o.png")).alpha is None
+    pal = Image.fromarray(photo).quantize(16)
+    clear = int(np.asarray(pal)[0, 0])
+    image_p = read_image(_save(pal, tmp_path / "p.png", transparency=clear))
+    assert np.array_equal(image_p.alpha, np.where(np.asarray(pal) == clear, 0, 255))
+    # the mark's change goes to the colour channels, clipped; the alpha is written back unchanged
+    marked = np.clip(image.pixels.astype(int) + 3, 0, 255).astype(np.uint8)
+    colour = apply_delta(image, marked)
+    delta = marked.astype(int) - image.pixels.astype(int)
+    assert np.array_equal(colour, np.clip(photo.astype(int) + delta, 0, 255))
+    with Image.open(io.BytesIO(encode_png(colour, None, image.alpha))) as im:
+        assert im.mode == "RGBA" and np.array_equal(np.asarray(im)[..., 3], alpha)
+        assert np.array_equal(np.asarray(im)[..., :3], colour)
+    opaque = read_image(tmp_path / "o.png")
+    assert apply_delta(opaque, marked) is marked
+
+
 def test_cmyk_jpeg_without_profile(tmp_path, photo):
     path = _save(Image.fromarray(photo).convert("CMYK"), tmp_path / "c.jpg", quality=95)
     assert Image.open(path).mode == "CMYK"
@@ -831,7 +854,7 @@ def test_strict_fails_on_corrupt(tmp_path, cifar_small, key):
 
 def test_mark_folder_of_every_kind(tmp_path, photo, photo2, wide, samples16, key):
     """The whole input matrix in one folder: the run finishes, every file is accounted for once,
-    outputs are RGB PNGs at the displayed size, upright and without EXIF."""
+    outputs are RGB PNGs (RGBA for the sources with transparency) at the displayed size, upright and without EXIF."""
     src = tmp_path / "src"
     cat, dog = src / "cat", src / "dog"
     for d in (cat / "2020" / "deep", dog):
@@ -873,9 +896,11 @@ def test_mark_folder_of_every_kind(tmp_path, photo, photo2, wide, samples16, key
     skipped = {out / d["file"] for d in s.skipped}  # copied unchanged
     written = [p for p in out.rglob("*.png") if p.is_file() and p not in skipped]
     assert len(written) == s.num_marked + s.num_copied
+    transparent = {"cat/h.png", "cat/i.png", "cat/j.png"}  # palette with tRNS, RGBA, LA
     for p in written:
         with Image.open(p) as o:
-            assert o.mode == "RGB" and len(o.getexif()) == 0
+            rgba = p.relative_to(out).as_posix() in transparent
+            assert o.mode == ("RGBA" if rgba else "RGB") and len(o.getexif()) == 0, p
     with Image.open(out / "dog" / "rotated.png") as o:
         assert o.size == (wide.shape[1], wide.shape[0])
     with Image.open(out / "dog" / "tiny.png") as o:

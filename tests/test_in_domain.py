@@ -158,12 +158,13 @@ def test_cli_mark_target_psnr_calibrates_lambda_img_and_refuses_both(trained_mar
     common = ["mark", "--source", str(cifar_small[0]), "--key", str(key_path), "--fraction", "0.25",
               "--preset", "from-scratch", "--steps", "10", "--lr", str(2 / 255)]
     with pytest.raises(SystemExit) as e:
-        main([*common, "--output", str(tmp_path / "a"), "--target-psnr", "40", "--lambda-img", "0.5"])
+        main([*common, "--output", str(tmp_path / "a"), "--vault", str(tmp_path / "va"), "--target-psnr", "40",
+              "--lambda-img", "0.5"])
     assert e.value.code == 2 and "give one of them" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
-    assert main([*common, "--output", str(tmp_path / "b"), "--target-psnr", "40"]) == 0
+    assert main([*common, "--output", str(tmp_path / "b"), "--vault", str(tmp_path / "vb"), "--target-psnr", "40"]) == 0
     err = capsys.readouterr().err
-    header = json.loads((tmp_path / "b.record.jsonl").read_text().splitlines()[0])
+    header = json.loads((tmp_path / "vb" / "record.jsonl").read_text().splitlines()[0])
     assert f"lambda_img {header['config']['lambda_img']:.4g}:" in err and "target 40 dB" in err
     assert header["config"]["lambda_img"] != 0.7 and header["config"]["augmentation"] == "pad_crop"
 

@@ -69,7 +69,7 @@ def _mark_cli(cifar_small, key, tmp_path, terminal: bool) -> str:
     files.write_text("airplane/0000.jpg\ncat/0000.jpg\n")
     cmd = [sys.executable, "-m", "radioactive", "mark", "--source", str(cifar_small[0]),
            "--key", str(key.save(tmp_path / "key.safetensors")), "--files", str(files), "--steps", "1",
-           "--output", str(tmp_path / "out")]
+           "--output", str(tmp_path / "out"), "--vault", str(tmp_path / "vault")]
     if not terminal:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stderr
     leader, follower = pty.openpty()
