@@ -44,14 +44,15 @@ def test_keygen_mark_train_detect(slice_dirs, tmp_path):
     out = json.loads(run_cli("keygen", "--data", train_dir, "--seed", 3, "--output", key, check_rc=0).stdout)
     assert out["classes"] == 10 and out["dim"] == 1280
     released = tmp_path / "released" / "train"
+    vault = tmp_path / "vault"
     out = json.loads(run_cli("mark", "--source", train_dir, "--key", key, "--fraction", 0.2, "--steps", 5,
-                             "--batch-size", 8, "--output", released, check_rc=0).stdout)
+                             "--batch-size", 8, "--output", released, "--vault", vault, check_rc=0).stdout)
     assert out["num_marked"] == 20 and out["num_copied"] == 80
     assert out["linf_max"] <= 10 and out["psnr_db_mean"] > 38
     assert snapshot(train_dir) == before, "the source folder was modified"
     assert len(list(released.rglob("*.png"))) == 100
     record = Path(out["record"])
-    assert not record.resolve().is_relative_to(released.resolve())
+    assert not record.resolve().is_relative_to(released.resolve()) and record.resolve().is_relative_to(vault.resolve())
     assert len(record.read_text().splitlines()) == 21
 
     suspect = tmp_path / "suspect.safetensors"
@@ -61,13 +62,18 @@ def test_keygen_mark_train_detect(slice_dirs, tmp_path):
     assert suspect.with_suffix(".json").is_file()
 
     result, plot = tmp_path / "result.json", tmp_path / "cosines.png"
-    proc = run_cli("detect", "--suspect", suspect, "--key", key, "--images", test_dir, "--output", result,
-                   "--plot", plot, check_rc=0)
+    # 80 alignment images for D = 1280 features: under-determined, refused without a ridge
+    line = _one_line_error(run_cli("detect", "--method", "white-box", "--suspect", suspect, "--key", key,
+                                   "--images", test_dir), 1)
+    assert "under-determined" in line and "--ridge" in line
+    proc = run_cli("detect", "--method", "white-box", "--suspect", suspect, "--key", key, "--images", test_dir,
+                   "--ridge", 0.1, "--output", result, "--plot", plot, check_rc=0)
     out = json.loads(proc.stdout)
     assert out == json.loads(result.read_text())
     assert len(out["cosines"]) == 10 and len(out["class_log10_pvalues"]) == 10
     assert np.isfinite(out["log10_pvalue"]) and out["log10_pvalue"] <= 0
-    assert out["alignment_r2"] > 0.99  # a linear probe shares the marking network's features
+    assert out["details"]["alignment_r2"] > 0.99  # a linear probe shares the marking network's features
+    assert out["details"]["alignment_r2_heldout"] < out["details"]["alignment_r2"]  # N < D: the honest figure
     assert out["key_fingerprint"] == Key.load(key).fingerprint
     with Image.open(plot) as im:
         assert im.format == "PNG" and im.size[0] > 100
@@ -88,7 +94,7 @@ def test_missing_folder_is_a_usage_error(tmp_path):
 
 def test_bad_fraction_is_a_usage_error(tmp_path):
     line = _one_line_error(run_cli("mark", "--source", tmp_path, "--key", tmp_path, "--fraction", "1.5",
-                                   "--output", tmp_path / "o"), 2)
+                                   "--output", tmp_path / "o", "--vault", tmp_path / "v"), 2)
     assert "(0, 1]" in line
 
 
@@ -109,7 +115,7 @@ def test_key_dimension_mismatch(tmp_path, slice_dirs):
     path = key.save(tmp_path / "k512.safetensors")
     before = snapshot(train_dir)
     line = _one_line_error(run_cli("mark", "--source", train_dir, "--key", path, "--fraction", 0.1,
-                                   "--output", tmp_path / "out"), 1)
+                                   "--output", tmp_path / "out", "--vault", tmp_path / "vault"), 1)
     assert "512" in line and "1280" in line
     assert snapshot(train_dir) == before
 
@@ -117,7 +123,8 @@ def test_key_dimension_mismatch(tmp_path, slice_dirs):
 def test_not_a_key(tmp_path, slice_dirs):
     bad = tmp_path / "key.safetensors"
     bad.write_text("not a key")
-    line = _one_line_error(run_cli("detect", "--suspect", bad, "--key", bad, "--images", slice_dirs[1]), 1)
+    line = _one_line_error(run_cli("detect", "--method", "white-box", "--suspect", bad, "--key", bad, "--images",
+                                   slice_dirs[1]), 1)
     assert "not a radioactive key" in line
 
 
@@ -135,19 +142,21 @@ def test_html_report_is_self_contained(tmp_path, slice_dirs):
     from html.parser import HTMLParser
 
     from radioactive.detection import DetectionResult
+    from radioactive.detection.result import DecoyKeys, WhiteBoxDetails
 
-    result = DetectionResult(method="white-box", log10_pvalue=-12.5, detected=True, alpha=1e-3,
-                             classes=["a", "b", "c"], cosines=[0.1, 0.05, -0.02], class_log10_pvalues=[-5, -2, -0.1],
-                             dim=1280, alignment_r2=0.9, num_alignment_images=100, key_fingerprint="abc")
-    result.extra["decoys"] = {"num_keys": 50, "empirical_log10_pvalue": -1.7,
-                              "log10_pvalues": list(np.log10(np.random.default_rng(0).random(50)))}
-    saved = result.save(tmp_path / "r.json")
     # a real record with real marked images
     train_dir = slice_dirs[0]
     key = tmp_path / "k.safetensors"
     run_cli("keygen", "--data", train_dir, "--seed", 5, "--output", key, check_rc=0)
     out = json.loads(run_cli("mark", "--source", train_dir, "--key", key, "--fraction", 0.1, "--steps", 2,
-                             "--output", tmp_path / "rel" / "train", check_rc=0).stdout)
+                             "--output", tmp_path / "rel" / "train", "--vault", tmp_path / "vault", check_rc=0).stdout)
+    decoys = DecoyKeys(50, "test stream", -1.7, list(np.log10(np.random.default_rng(0).random(50))))
+    result = DetectionResult(method="white-box", validity="exact", log10_pvalue=-12.5, alpha=1e-3,
+                             classes=["a", "b", "c"], cosines=[0.1, 0.05, -0.02], class_log10_pvalues=[-5, -2, -0.1],
+                             dim=1280, key_fingerprint=Key.load(key).fingerprint,  # report refuses another key's record
+                             details=WhiteBoxDetails(0.9, 0.8, 100, 0.0, "", decoys))
+    assert result.detected
+    saved = result.save(tmp_path / "r.json")
     html = tmp_path / "report.html"
     run_cli("report", "--result", saved, "--record", out["record"], "--output", html, check_rc=0)
 
@@ -177,7 +186,7 @@ def test_released_files_are_readable_by_others_and_key_is_private(tmp_path, slic
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     out = tmp_path / "rel" / "train"
     run_cli("mark", "--source", slice_dirs[0], "--key", key, "--fraction", 0.1, "--steps", 1, "--output", out,
-            check_rc=0)
+            "--vault", tmp_path / "vault", check_rc=0)
     modes = {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*.png")}
     assert all(m & 0o044 == 0o044 for m in modes), modes  # group and others can read the released copy
 
@@ -186,7 +195,7 @@ def test_output_inside_source_is_named_first(tmp_path, slice_dirs):
     key = tmp_path / "k.safetensors"
     run_cli("keygen", "--data", slice_dirs[0], "--seed", 2, "--output", key, check_rc=0)
     line = _one_line_error(run_cli("mark", "--source", slice_dirs[0], "--key", key, "--fraction", 0.1,
-                                   "--output", slice_dirs[0] / "inside"), 1)
+                                   "--output", slice_dirs[0] / "inside", "--vault", tmp_path / "vault"), 1)
     assert "output folder" in line and "inside the source" in line
     assert not (slice_dirs[0] / "inside").exists()
 
@@ -201,8 +210,8 @@ def test_archive_gives_train_and_test_splits():
 
 
 @pytest.mark.parametrize("method,flags,other", [
-    ("gradient", ["--max-images", "5"], "--ridge"), ("gradient", ["--decoys", "3"], "--per-class"),
-    ("decoy-carrier", ["--classes", "cat"], "--ridge"), ("black-box", ["--plot", "p.png"], "--per-class"),
+    ("gradient", ["--max-images", "5"], "--ridge"), ("gradient", ["--decoy-keys", "3"], "--per-class"),
+    ("decoy-carrier", ["--temperature", "4"], "--ridge"), ("membership", ["--classes", "cat"], "--ridge"), ("black-box", ["--plot", "p.png"], "--per-class"),
     ("white-box", ["--reference", "."], "--per-class"), ("membership", ["--ridge", "1"], "--per-class")])
 def test_detect_refuses_a_flag_its_method_ignores(tmp_path, method, flags, other):
     """A flag the chosen method would silently ignore is a usage error naming it, before anything is read."""
