@@ -108,8 +108,9 @@ def test_malicious_checkpoint_is_refused_not_executed(tmp_path, key, cifar_small
     # through the real command line
     _sidecar(path, classes=key.classes)
     key_path = key.save(tmp_path / "key.safetensors")
-    proc = subprocess.run([sys.executable, "-m", "radioactive", "detect", "--suspect", str(path), "--key",
-                           str(key_path), "--images", str(cifar_small[1])], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "radioactive", "detect", "--method", "white-box", "--suspect", str(path),
+                           "--key", str(key_path), "--images", str(cifar_small[1]), "--ridge", "0.1"],
+                          capture_output=True, text=True)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "refused to load" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not marker.exists()
