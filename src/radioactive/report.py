@@ -200,7 +200,7 @@ def _lossy_paragraph(fmt: dict, lines: list[dict]) -> str:
 
 
 def _record_fingerprint(record: str | Path) -> str | None:
-    from .record import read_record
+    from .data.record import read_record
 
     return read_record(record)[0].get("key_fingerprint")
 
@@ -268,7 +268,7 @@ def _record_section(record: str | Path, triplets: int, amplify: int) -> list[str
     import matplotlib.pyplot as plt
 
     from .data import load_rgb
-    from .record import read_record
+    from .data.record import read_record
 
     parts = []
     header, entries = read_record(record)

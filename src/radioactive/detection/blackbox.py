@@ -34,7 +34,7 @@ from scipy import stats as sstats
 from ..data import load_rgb
 from ..errors import RadioactiveError
 from ..networks import load_runnable
-from ..record import read_record
+from ..data.record import read_record
 from .access import OwnerFiles, SuspectAccess, check_unique
 from .outputs import default_mirror_dir, mirror_image, model_outputs, outputs_of, read_outputs_file, true_class_loss
 from .registry import MethodEntry, register_method

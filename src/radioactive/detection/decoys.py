@@ -53,7 +53,7 @@ from ..errors import RadioactiveError
 from ..keys import Key
 from ..marking.optimise import MarkingConfig, image_generator, mark_batch
 from ..networks import load_marking_network, load_runnable
-from ..record import read_record
+from ..data.record import read_record
 from ..stats import fisher_log10_pvalue
 from .access import OwnerFiles, SuspectAccess, check_unique, derived_rng, stream_name, unit_vectors
 from .outputs import mirror_image, outputs_of, true_class_loss

@@ -56,7 +56,7 @@ from ..data import load_rgb, sha256_file
 from ..errors import RadioactiveError
 from ..keys import Key
 from ..networks import FeatureNetwork, load_marking_network, load_runnable
-from ..record import RecordEntry, read_record
+from ..data.record import RecordEntry, read_record
 from ..stats import cosine_log10_pvalue, fisher_log10_pvalue
 from .access import OwnerFiles, SuspectAccess, check_unique, derived_rng, unit_vectors
 from .registry import MethodEntry, register_method, setting

@@ -13,7 +13,7 @@ from scipy import stats as sstats
 from ..data import list_image_folder
 from ..errors import RadioactiveError
 from ..networks import load_runnable
-from ..record import read_withheld
+from ..data.record import read_withheld
 from .access import OwnerFiles, SuspectAccess
 from .outputs import model_outputs, read_outputs_file, true_class_loss
 from .registry import MethodEntry, register_method, setting

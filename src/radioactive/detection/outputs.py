@@ -13,7 +13,7 @@ import numpy as np
 
 from ..data import encode_png, load_rgb
 from ..errors import RadioactiveError
-from ..record import read_record
+from ..data.record import read_record
 
 
 def true_class_loss(outputs: np.ndarray, labels: np.ndarray, kind: str = "logits") -> np.ndarray:
