@@ -52,7 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import load_rgb, sha256_file
+from ..data import load_rgb, sha256_file, to_batch
 from ..errors import RadioactiveError
 from ..keys import Key
 from ..networks import FeatureNetwork, load_marking_network, load_runnable
@@ -114,12 +114,12 @@ def _batches(entries: list[RecordEntry], batch_size: int):
                                    "originals (give their folder with source_root / --source)")
         a = load_rgb(e.source)
         if run and (len(run) == batch_size or a.shape != imgs[0].shape):
-            yield run, torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(255)
+            yield run, to_batch(imgs)
             run, imgs = [], []
         run.append(e)
         imgs.append(a)
     if run:
-        yield run, torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(255)
+        yield run, to_batch(imgs)
 
 
 TEMPERATURE_RANGE = (0.1, 100.0)

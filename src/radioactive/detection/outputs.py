@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import encode_png, load_rgb
+from ..data import encode_png, load_rgb, to_batch
 from ..errors import RadioactiveError
 from ..data.record import read_record
 
@@ -142,7 +142,7 @@ def outputs_of(net, load, n: int, image_size: int | None = None, batch_size: int
             if image_size is not None and a.shape[:2] != (image_size, image_size):
                 a = np.asarray(Image.fromarray(a).resize((image_size, image_size), Image.BILINEAR))
             imgs.append(a)
-        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255
+        x = to_batch(imgs)
         with torch.no_grad():
             out.append(net(x).double().numpy())
     return np.concatenate(out)

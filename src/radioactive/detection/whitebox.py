@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import list_image_folder, load_folder_array
+from ..data import list_image_folder, load_folder_array, to_batch
 from ..errors import RadioactiveError
 from ..keys import Key
 from ..networks import FeatureNetwork, load_marking_network, load_suspect
@@ -192,7 +192,7 @@ def extract_features(net: FeatureNetwork, images: np.ndarray, batch_size: int = 
     net.eval()
     out = []
     for s in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[s:s + batch_size]).permute(0, 3, 1, 2).float() / 255
+        x = to_batch(images[s:s + batch_size])
         out.append(net.features(x).double().numpy())
     return np.concatenate(out)
 
