@@ -114,7 +114,7 @@ class DemoConfig:
 
 def _private(trained) -> None:
     """The owner's models are private: 0600, like every file of the vault."""
-    from .networks import sidecar_path
+    from .suspects import sidecar_path
 
     for p in (Path(trained.weights), sidecar_path(Path(trained.weights))):
         if p.is_file():

@@ -1,4 +1,4 @@
-"""Networks: the marking network, the trainer's architectures, suspects.
+"""Networks: the marking network and the trainer's architectures (suspect files: :mod:`radioactive.suspects`).
 
 Every network is wrapped in a :class:`FeatureNetwork`: it takes images in
 [0, 1] (not normalised), applies its own preprocessing (resize, mean/std)
@@ -10,10 +10,8 @@ classifier works without per-family code.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -295,261 +293,18 @@ def build_architecture(arch: str, num_classes: int) -> nn.Module:
         raise RadioactiveError(f"unknown architecture {arch!r}: use resnet18_cifar or a torchvision model name") from e
 
 
-# ----------------------------------------------------------------------------- suspects on disk
+# ----------------------------------------------------------------------------- old import paths
 
-SIDECAR_SCHEMA = 1
-
-
-def sidecar_path(weights: Path) -> Path:
-    return weights.with_suffix(".json")
-
-
-def nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
-    """Names of the floating-point tensors of ``state`` holding a NaN or an infinite value."""
-    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+_MOVED_TO_SUSPECTS = {
+    "SIDECAR_SCHEMA", "sidecar_path", "nonfinite_tensors", "read_state_dict", "_read_state_dict", "_strict_load",
+    "load_suspect", "load_runnable", "_load_torchscript", "ScriptedFeatureNetwork", "_Runnable",
+}
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint, without running code from the file.
+def __getattr__(name: str):
+    """Reading suspect files moved to :mod:`radioactive.suspects`; its names stay importable from here."""
+    if name in _MOVED_TO_SUSPECTS:
+        from . import suspects
 
-    ``.safetensors`` files are read with safetensors; any other file with
-    ``torch.load(weights_only=True)``, which refuses every object that is not
-    a tensor or a plain container (a file that would run code when unpickled
-    is refused, never executed). A ``{"state_dict": ...}`` or
-    ``{"model": ...}`` wrapper is unwrapped, and a ``module.`` prefix on every
-    name (DataParallel) is removed.
-
-    Raises:
-        RadioactiveError: unreadable file, objects other than tensors, or floating-point tensors holding
-            NaN or infinite values (a diverged training: no test result on it would mean anything).
-    """
-    state = _read_state_dict(Path(path))
-    bad = nonfinite_tensors(state)
-    if bad:
-        raise RadioactiveError(f"{path} holds NaN or infinite weights ({len(bad)} tensors, e.g. {bad[0]}): "
-                               "the model diverged; nothing can be tested on it")
-    return state
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise RadioactiveError(f"weights not found: {path}")
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types
-            raise RadioactiveError(f"{path} is not a valid safetensors file ({e})") from e
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RadioactiveError(
-            f"refused to load {path}: it is not a plain tensor checkpoint (it holds objects whose unpickling "
-            "could run code, or is not a torch file); give safetensors or a torch.save(model.state_dict()) file"
-        ) from e
-    for wrapper in ("state_dict", "model", "model_state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise RadioactiveError(f"{path} does not hold a state dict (name -> tensor)")
-    if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
-
-
-def load_suspect(weights: str | Path, sidecar: str | Path | None = None,
-                 layer: str | None = None) -> tuple[FeatureNetwork, dict]:
-    """Load a suspect: weights + a JSON description (sidecar).
-
-    The sidecar is written by ``radioactive train``; for another model, write
-    one with at least ``architecture`` (``resnet18_cifar``, ``linear``, or a
-    torchvision model name), ``classes`` (names in output order) and
-    ``preprocessing`` (``image_size``, ``mean``, ``std``); ``classifier``
-    optionally names the last linear layer (default: the last ``nn.Linear``).
-    Weights (see :func:`read_state_dict`) are loaded strictly: missing or
-    unexpected tensors are an error that names them. The network is frozen in
-    eval mode.
-
-    Args:
-        weights: ``.safetensors``, or a ``.pt``/``.pth`` state dict.
-        sidecar: JSON description (default: same stem, ``.json``).
-        layer: name of the last linear layer, overriding the sidecar's ``classifier``.
-
-    Returns:
-        the suspect network and its sidecar dictionary.
-
-    Raises:
-        RadioactiveError: missing files, unsafe or malformed weights, or
-            weights that do not match the described architecture.
-    """
-    from .suspects import is_hf_folder, load_hf
-
-    weights = Path(weights)
-    if is_hf_folder(weights):
-        model, meta = load_hf(weights)
-        net = FeatureNetwork(model, Preprocessing.from_dict(meta["preprocessing"]), layer, name=meta["architecture"])
-        if net.num_classes != len(meta["classes"]):
-            raise RadioactiveError(f"layer {net.classifier_name!r} of {weights} is not its classifier; name it")
-        return freeze(net), meta
-    sidecar = Path(sidecar) if sidecar else sidecar_path(weights)
-    if not weights.is_file():
-        raise RadioactiveError(f"suspect weights not found: {weights}")
-    if not sidecar.is_file():
-        raise RadioactiveError(f"suspect description not found: {sidecar} (written by `radioactive train` beside the weights)")
-    try:
-        meta = json.loads(sidecar.read_text())
-        arch = meta["architecture"]
-        classes = list(meta["classes"])
-        backbone_spec = MarkingNetworkSpec(**meta["backbone"]) if arch == "linear" else None
-    except (ValueError, KeyError, TypeError) as e:
-        raise RadioactiveError(f"{sidecar} is not a suspect description (missing or bad {e})") from e
-    if arch == "onnx":
-        raise RadioactiveError(f"{weights} is ONNX: it runs but its weights cannot be read or differentiated, so only "
-                               "the tests with runnable or outputs access apply")
-    if arch == "torchscript":
-        if "preprocessing" not in meta:
-            raise RadioactiveError(f"{sidecar} lacks 'preprocessing' (image_size, mean, std)")
-        net = ScriptedFeatureNetwork(_load_torchscript(weights), Preprocessing.from_dict(meta["preprocessing"]),
-                                     layer or meta.get("classifier"), name="suspect:torchscript")
-        if net.num_classes != len(classes):
-            raise RadioactiveError(f"layer {net.classifier_name!r} has {net.num_classes} outputs but the suspect has "
-                                   f"{len(classes)} classes; name its last linear layer")
-        return net.eval(), meta
-    state = read_state_dict(weights)
-    if backbone_spec is not None:
-        backbone, _ = load_marking_network(backbone_spec)
-        model: nn.Module = LinearProbe(backbone, len(classes))
-        target, pre, cls_name = model.head, Preprocessing(None), "head"
-    else:
-        if "preprocessing" not in meta:
-            raise RadioactiveError(f"{sidecar} lacks 'preprocessing' (image_size, mean, std)")
-        model = build_architecture(arch, len(classes))
-        target, pre, cls_name = model, Preprocessing.from_dict(meta["preprocessing"]), layer or meta.get("classifier")
-    problems = _strict_load(target, state)
-    if problems:
-        raise RadioactiveError(f"weights in {weights} do not match architecture {arch!r}: {problems}")
-    net = FeatureNetwork(model, pre, cls_name, name=f"suspect:{arch}")
-    if net.num_classes != len(classes):
-        raise RadioactiveError(f"layer {net.classifier_name!r} has {net.num_classes} outputs but the suspect has "
-                               f"{len(classes)} classes; name its last linear layer")
-    return freeze(net), meta
-
-
-def load_runnable(weights: str | Path, sidecar: str | Path | None = None) -> tuple[nn.Module, dict]:
-    """A suspect that only needs to run (black-box): what :func:`load_suspect` reads (weights + sidecar, TorchScript,
-    a Hugging Face folder), or an ONNX file described by a sidecar with ``architecture: "onnx"``, ``classes`` and
-    ``preprocessing`` (:mod:`radioactive.suspects`).
-
-    Returns:
-        a module mapping (B, 3, H, W) images in [0, 1] to (B, K) outputs, in eval mode, and the sidecar.
-
-    Raises:
-        RadioactiveError: as :func:`load_suspect`, or a TorchScript file that does not load.
-    """
-    from .suspects import is_hf_folder, load_onnx
-
-    weights = Path(weights)
-    if is_hf_folder(weights):
-        return load_suspect(weights)
-    side = Path(sidecar) if sidecar else sidecar_path(weights)
-    try:
-        meta = json.loads(side.read_text())
-    except (OSError, ValueError) as e:
-        raise RadioactiveError(f"suspect description not readable: {side} ({e})") from e
-    if isinstance(meta, dict) and meta.get("architecture") == "onnx":
-        return load_onnx(weights, meta), meta
-    if isinstance(meta, dict) and meta.get("architecture") == "torchscript":
-        scripted = _load_torchscript(weights)
-        if "classes" not in meta or "preprocessing" not in meta:
-            raise RadioactiveError(f"{side} needs 'classes' and 'preprocessing'")
-        model = _Runnable(scripted, Preprocessing.from_dict(meta["preprocessing"]))
-        return model.eval(), meta
-    net, meta = load_suspect(weights, side)
-    return net, meta
-
-
-def _load_torchscript(path: Path) -> nn.Module:
-    try:
-        return torch.jit.load(str(path), map_location="cpu").eval()
-    except Exception as e:
-        raise RadioactiveError(f"{path} is not a TorchScript file ({str(e).splitlines()[0][:200]})") from e
-
-
-class ScriptedFeatureNetwork(FeatureNetwork):
-    """A TorchScript classifier seen as features + last linear layer.
-
-    Hooks cannot be added to TorchScript, so the features are read by running
-    the model with its last linear layer's weight temporarily set to the
-    identity and its bias to zero (the layer then outputs its input); the
-    original weights are restored at once. The features are checked: W f + b
-    must give the model's logits.
-
-    Args:
-        model: a loaded TorchScript module mapping normalised images to logits (B, K).
-        preprocessing: applied to [0, 1] inputs.
-        classifier_name: dotted name of the last linear layer (default: the last ``Linear`` submodule).
-    """
-
-    def __init__(self, model: nn.Module, preprocessing: Preprocessing, classifier_name: str | None = None,
-                 name: str = "torchscript"):
-        nn.Module.__init__(self)
-        self.model, self.preprocessing, self.name = model, preprocessing, name
-        linears = [n for n, m in model.named_modules() if getattr(m, "original_name", "") == "Linear"]
-        if classifier_name is None:
-            if not linears:
-                raise RadioactiveError("the TorchScript model has no Linear layer")
-            classifier_name = linears[-1]
-        if classifier_name not in linears:
-            raise RadioactiveError(f"the TorchScript model has no Linear layer named {classifier_name!r}")
-        self.classifier_name = classifier_name
-        self._layer = dict(model.named_modules())[classifier_name]
-        self.classifier = nn.Linear(self._layer.weight.shape[1], self._layer.weight.shape[0])
-        with torch.no_grad():
-            self.classifier.weight.copy_(self._layer.weight)
-            self.classifier.bias.copy_(self._layer.bias)
-
-    @torch.no_grad()
-    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Args: x (B, 3, H, W) in [0, 1]. Returns: features (B, D_s), logits (B, K)."""
-        xn = self.preprocessing(x)
-        logits = self.model(xn)
-        w, b = self._layer.weight.data, self._layer.bias.data
-        try:
-            self._layer.weight.data = torch.eye(self.feature_dim, dtype=w.dtype)
-            self._layer.bias.data = torch.zeros(self.feature_dim, dtype=b.dtype)
-            f = self.model(xn)
-        finally:
-            self._layer.weight.data, self._layer.bias.data = w, b
-        if f.shape != (x.shape[0], self.feature_dim) or not torch.allclose(
-                f @ w.T + b, logits, rtol=1e-3, atol=1e-3 * (1 + float(logits.abs().max()))):
-            raise RadioactiveError(f"layer {self.classifier_name!r} is not the model's last step; name the last "
-                                   "linear layer")
-        return f, logits
-
-
-class _Runnable(nn.Module):
-    def __init__(self, model: nn.Module, preprocessing: Preprocessing):
-        super().__init__()
-        self.model, self.preprocessing = model, preprocessing
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.preprocessing(x))
-
-
-def _strict_load(module: nn.Module, state: dict) -> str:
-    """Load ``state`` into ``module`` only if names and shapes match exactly; else describe the mismatch."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k} {tuple(state[k].shape)} (expected {tuple(own[k].shape)})" for k in own
-              if k in state and own[k].shape != state[k].shape]
-    parts = [f"{label} {items[:5]}" for label, items in (("missing", missing), ("unexpected", unexpected),
-                                                         ("wrong shape", shapes)) if items]
-    if parts:
-        return "; ".join(parts)
-    module.load_state_dict(state, strict=True)
-    return ""
+        return getattr(suspects, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -36,17 +36,14 @@ from .errors import RadioactiveError
 from .networks import (
     CIFAR_MEAN,
     CIFAR_STD,
-    SIDECAR_SCHEMA,
     FeatureNetwork,
     LinearProbe,
     MarkingNetworkSpec,
     Preprocessing,
     build_architecture,
     load_marking_network,
-    load_suspect,
-    nonfinite_tensors,
-    sidecar_path,
 )
+from .suspects import SIDECAR_SCHEMA, load_suspect, nonfinite_tensors, sidecar_path
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +68,7 @@ class TrainConfig:
         image_size: side in px training images are resized to (None keeps them).
         seed: seeds initialisation, augmentation and batch order.
         teacher: weights of a trained model (``radioactive train`` output, its JSON sidecar beside it;
-            read by :func:`radioactive.networks.load_suspect`, never unpickled) with the training folder's
+            read by :func:`radioactive.suspects.load_suspect`, never unpickled) with the training folder's
             classes. When set, the loss is distillation, ``T^2 KL(softmax(z_t / T) || softmax(z_s / T))``
             (Hinton et al. 2015, Section 2), between the teacher's logits z_t and the student's z_s on the
             same augmented image; the folder's labels are not used.

@@ -72,7 +72,7 @@ class SuspectAccess:
         Raises:
             RadioactiveError: no such file, or no readable sidecar beside it.
         """
-        from ..networks import sidecar_path
+        from ..suspects import sidecar_path
         from ..suspects import is_hf_folder
 
         path = Path(path)

@@ -32,9 +32,9 @@ import numpy as np
 from scipy import stats as sstats
 
 from ..data import load_rgb
-from ..errors import RadioactiveError
-from ..networks import load_runnable
 from ..data.record import read_record
+from ..errors import RadioactiveError
+from ..suspects import load_runnable
 from .access import OwnerFiles, SuspectAccess, check_unique
 from .outputs import default_mirror_dir, mirror_image, model_outputs, outputs_of, read_outputs_file, true_class_loss
 from .registry import MethodEntry, register_method

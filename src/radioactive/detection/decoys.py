@@ -49,12 +49,13 @@ import numpy as np
 import torch
 
 from ..data import load_rgb, sha256_file
+from ..data.record import read_record
 from ..errors import RadioactiveError
 from ..keys import Key
 from ..marking.optimise import MarkingConfig, image_generator, mark_batch
-from ..networks import load_marking_network, load_runnable
-from ..data.record import read_record
+from ..networks import load_marking_network
 from ..stats import fisher_log10_pvalue
+from ..suspects import load_runnable
 from .access import OwnerFiles, SuspectAccess, check_unique, derived_rng, stream_name, unit_vectors
 from .outputs import mirror_image, outputs_of, true_class_loss
 from .registry import MethodEntry, register_method, setting

@@ -53,11 +53,12 @@ import torch
 import torch.nn.functional as F
 
 from ..data import load_rgb, sha256_file, to_batch
+from ..data.record import RecordEntry, read_record
 from ..errors import RadioactiveError
 from ..keys import Key
-from ..networks import FeatureNetwork, load_marking_network, load_runnable
-from ..data.record import RecordEntry, read_record
+from ..networks import FeatureNetwork, load_marking_network
 from ..stats import cosine_log10_pvalue, fisher_log10_pvalue
+from ..suspects import load_runnable
 from .access import OwnerFiles, SuspectAccess, check_unique, derived_rng, unit_vectors
 from .registry import MethodEntry, register_method, setting
 from .result import DetectionResult, GradientDetails

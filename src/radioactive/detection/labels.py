@@ -41,8 +41,8 @@ import numpy as np
 from ..data import encode_png, sha256_file
 from ..errors import RadioactiveError
 from ..keys import Key
-from ..networks import load_runnable
 from ..stats import fisher_log10_pvalue
+from ..suspects import load_runnable
 from .access import OwnerFiles, SuspectAccess, derived_rng, stream_name
 from .decoys import DECOY_TAG, DecoyMarks, decoy_marks, rank_pvalues
 from .outputs import mirror_image, outputs_of

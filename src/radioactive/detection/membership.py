@@ -11,9 +11,9 @@ import numpy as np
 from scipy import stats as sstats
 
 from ..data import list_image_folder
-from ..errors import RadioactiveError
-from ..networks import load_runnable
 from ..data.record import read_withheld
+from ..errors import RadioactiveError
+from ..suspects import load_runnable
 from .access import OwnerFiles, SuspectAccess
 from .outputs import model_outputs, read_outputs_file, true_class_loss
 from .registry import MethodEntry, register_method, setting

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from ..data import encode_png, load_rgb, to_batch
-from ..errors import RadioactiveError
 from ..data.record import read_record
+from ..errors import RadioactiveError
 
 
 def true_class_loss(outputs: np.ndarray, labels: np.ndarray, kind: str = "logits") -> np.ndarray:

@@ -156,7 +156,7 @@ def change_plan(vault: str | Path, *, alpha: float | None = None, classes: list[
     """
     import shutil
 
-    from ..networks import sidecar_path
+    from ..suspects import sidecar_path
     from ..vault import make_private_dir
     from .registry import check_config
 

@@ -28,8 +28,9 @@ import torch
 from ..data import list_image_folder, load_folder_array, to_batch
 from ..errors import RadioactiveError
 from ..keys import Key
-from ..networks import FeatureNetwork, load_marking_network, load_suspect
+from ..networks import FeatureNetwork, load_marking_network
 from ..stats import cosine_log10_pvalue, fisher_log10_pvalue
+from ..suspects import load_suspect
 from .access import (OwnerFiles, SuspectAccess, check_alignment_images, check_unique, derived_rng, stream_name,
                      unit_vectors)
 from .registry import MethodEntry, register_method, setting

@@ -1,4 +1,5 @@
-"""Suspects in the formats people publish them, beyond ``radioactive train``'s weights + sidecar.
+"""Suspects in the formats people publish them, beyond ``radioactive train``'s weights + sidecar
+(:mod:`radioactive.suspects.load` reads those).
 
 * a torchvision or timm architecture name with a state dict (:func:`state_dict_suspect`): the sidecar is written
   for it into a private temporary folder, beside a link to the weights (the user's files are never modified);
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import RadioactiveError
+from ..errors import RadioactiveError
+from .files import SIDECAR_SCHEMA
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,8 +52,6 @@ def state_dict_suspect(weights: str | Path, architecture: str, classes: list[str
     Raises:
         RadioactiveError: no such weights; a bad size, mean or std.
     """
-    from .networks import SIDECAR_SCHEMA
-
     weights = Path(weights).resolve()
     if not weights.is_file():
         raise RadioactiveError(f"suspect weights not found: {weights}")
@@ -158,7 +158,7 @@ def load_onnx(path: str | Path, meta: dict) -> nn.Module:
     Raises:
         RadioactiveError: onnxruntime not installed (``pip install 'radioactive[onnx]'``), a file that does not load.
     """
-    from .networks import Preprocessing
+    from ..networks import Preprocessing
 
     try:
         import onnxruntime as ort
