@@ -1,4 +1,4 @@
-"""Carrier-permutation test (radioactive.permutation) on trained suspects.
+"""Carrier-permutation test (permutation.py, beside this script) on trained suspects.
 
 Marks a pool of vanilla test images (never released) once per carrier of the
 key, caches the marked pools, and prints the black-box and white-box
@@ -24,10 +24,12 @@ from radioactive.detection import match_classes
 from radioactive.keys import generate_key
 from radioactive.marking import MarkingConfig
 from radioactive.networks import load_marking_network, load_suspect
-from radioactive.permutation import marked_pools, permutation_log10_pvalue, response_matrices
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/, for _common
-from _common import RESULTS, append_result, command_line  # noqa: E402
+from _common import RESULTS, append_result, command_line, use_study  # noqa: E402
+
+use_study("from_scratch")
+from permutation import marked_pools, permutation_log10_pvalue, response_matrices  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -13,7 +13,7 @@ each class k is released as round(x + delta_k).
 Then: train the suspect from scratch (same recipe and seed as the vanilla
 control of benchmarks/studies/from_scratch/from_scratch.py, whose model is reused), and test it
 and the control with the white-box test (alignment) and the
-carrier-permutation test (radioactive.permutation). Appends one JSON line to
+carrier-permutation test (permutation.py, beside this script). Appends one JSON line to
 benchmarks/results/class_pattern.jsonl.
 
     python benchmarks/studies/from_scratch/class_pattern.py --fraction 0.1 --rms 2.0 --seed 0
@@ -36,11 +36,13 @@ from radioactive.detection import detect, match_classes
 from radioactive.keys import generate_key
 from radioactive.marking import psnr_db, select_marked
 from radioactive.networks import load_marking_network, load_suspect
-from radioactive.permutation import permutation_log10_pvalue, response_matrices
 from radioactive.training import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/, for _common
-from _common import RESULTS, append_result, command_line  # noqa: E402
+from _common import RESULTS, append_result, command_line, use_study  # noqa: E402
+
+use_study("from_scratch")
+from permutation import permutation_log10_pvalue, response_matrices  # noqa: E402
 
 
 def optimise_pattern(net, pool: torch.Tensor, u: torch.Tensor, steps: int, rms: float, linf: float,

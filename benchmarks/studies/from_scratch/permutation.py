@@ -19,6 +19,10 @@ no alignment and an exact null.
    statistic at least S (exact; enumerated for K <= 10, else Monte Carlo
    with the +1 correction, valid as well). Its smallest value is 1/K!
    (2.8e-7 for K = 10).
+
+Research code of the from-scratch study (moved out of the package: it has no CLI and its power was
+not measured); used by carrier_permutation.py and class_pattern.py, tested by test_permutation.py here
+(``.venv/bin/pytest -q benchmarks/studies/from_scratch/test_permutation.py``, not part of the suite).
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ import math
 import numpy as np
 import torch
 
-from .marking import MarkingConfig, image_generator, mark_batch
-from .networks import FeatureNetwork
+from radioactive.marking import MarkingConfig, image_generator, mark_batch
+from radioactive.networks import FeatureNetwork
 
 
 def permutation_log10_pvalue(m: np.ndarray, max_exact: int = 10, samples: int = 200_000, seed: int = 0) -> float:

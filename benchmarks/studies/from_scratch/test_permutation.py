@@ -1,15 +1,38 @@
-"""Carrier-permutation test: exact null, power, and the marked-pool construction."""
+"""Carrier-permutation test: exact null, power, and the marked-pool construction.
+
+Not collected by the suite (testpaths is tests/); run it with
+``.venv/bin/pytest -q benchmarks/studies/from_scratch/test_permutation.py``. The fixtures come from
+tests/conftest.py.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import stats as sps
 
 from radioactive.marking import MarkingConfig
-from radioactive.permutation import marked_pools, permutation_log10_pvalue, response_matrices
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from permutation import marked_pools, permutation_log10_pvalue, response_matrices  # noqa: E402
+
+
+def _suite_fixtures():
+    path = Path(__file__).resolve().parents[3] / "tests" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("_suite_conftest", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_suite = _suite_fixtures()
+cifar_small, classes, marking_net, key, real_batch = (_suite.cifar_small, _suite.classes, _suite.marking_net,
+                                                       _suite.key, _suite.real_batch)
 
 
 def test_pvalue_is_exact_rank_among_permutations():
