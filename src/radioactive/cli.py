@@ -1,5 +1,9 @@
 """Command line: parse flags, call one library function, print one JSON object.
 
+One parser builder (``_add_<command>``) and one handler (``_run_<command>``) per subcommand; the detection
+family's are in :mod:`radioactive.cli_args` and :mod:`radioactive.cli_detection`. Defaults come from the config
+dataclasses.
+
 Exit codes: 0 success, 1 runtime failure (one line on stderr), 2 usage error.
 """
 
@@ -9,25 +13,25 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 
 from . import __version__
 from .augment import AUGMENTATIONS
+from .cli_args import (_existing, _folder_or_archive, _Formatter, _fraction, _holdout, _linf, _nonneg_float,
+                       _nonneg_int, _Parser, _positive_float, _positive_int, _psnr, _psnr_or_off, _quality, _sub,
+                       _temperature, add_commands)
+from .cli_detection import COMMANDS
+from .cli_detection import run as run_detection
 from .data import OUTPUT_FORMATS, OutputFormat
 from .errors import RadioactiveError
 from .demo import SETTINGS, DemoConfig
-from .cli_detection import COMMANDS
-from .cli_detection import run as run_detection
 from .marking import MARKING_PRESETS, MarkingConfig
 from .networks import MarkingNetworkSpec
-from .training import TrainConfig
+from .training import TrainConfig, default_lr, default_weight_decay
 
 MC, TC, NS = MarkingConfig(), TrainConfig(), MarkingNetworkSpec()
 _PRESET_FIELDS = ("steps", "lr", "linf", "lambda_img", "lambda_ft", "augmentation", "views", "batch_size")
-
-
 
 
 def _preset_text(config: MarkingConfig) -> str:
@@ -36,65 +40,21 @@ def _preset_text(config: MarkingConfig) -> str:
                      f"{k} {getattr(config, k)}" for k in _PRESET_FIELDS)
 
 
-def _number(cast, ok, expected: str):
-    """An argparse type: ``cast`` the text, check ``ok(value)``, else say what was ``expected``."""
-
-    def parse(s: str):
-        try:
-            v = cast(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}") from None
-        if not (math.isfinite(v) and ok(v)):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}")
-        return v
-
-    return parse
-
-
-_fraction = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
-_holdout = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
-_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
-_nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
-_linf = _number(int, lambda v: 1 <= v <= 255, "an L-infinity radius in 1..255 (8-bit levels)")
-_positive_float = _number(float, lambda v: v > 0, "a positive number")
-_nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
-_quality = _number(int, lambda v: 1 <= v <= 100, "an encoder quality in 1..100")
-_temperature = _number(float, lambda v: 0.1 <= v <= 100, "a temperature in [0.1, 100]")
-_psnr = _number(float, lambda v: 20 <= v <= 80, "a PSNR in [20, 80] dB")
-_psnr_or_off = _number(float, lambda v: v == 0 or 20 <= v <= 80, "0 (off) or a PSNR in [20, 80] dB")
-_alpha = _number(float, lambda v: 0 < v < 1, "a significance level in (0, 1)")
-
-
-def _existing(s: str) -> Path:
-    p = Path(s)
-    if not p.exists():
-        raise argparse.ArgumentTypeError(f"no such file or folder: {s}")
-    return p
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors on one line (exit status 2); `--help` shows the full usage."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _sub(subs, name, help_, example):
-    return subs.add_parser(name, help=help_, description=f"{help_}\n\nexample:\n  {example}",
-                           formatter_class=_Formatter)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="radioactive", formatter_class=_Formatter,
-                                description="Mark an image dataset and detect models trained on it (radioactive data).")
+                description="Mark an image dataset and detect models trained on it (radioactive data).")
     p.add_argument("--version", action="version", version=f"radioactive {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     subs = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_keygen(subs)
+    _add_mark(subs)
+    _add_train(subs)
+    add_commands(subs)
+    _add_demo(subs)
+    return p
 
+
+def _add_keygen(subs) -> None:
     k = _sub(subs, "keygen", "draw a secret key: one random unit carrier per class",
              "radioactive keygen --data ../shared/data/cifar10-jpeg.tar.gz --output key.safetensors")
     g = k.add_mutually_exclusive_group(required=True)
@@ -108,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--seed", type=_nonneg_int, default=None, help="seed of the carriers (default: drawn from the OS)")
     k.add_argument("--output", type=Path, required=True, help="key file to write (.safetensors); keep it secret")
 
+
+def _add_mark(subs) -> None:
     m = _sub(subs, "mark", "mark a fraction of an image folder and write a complete released copy",
              "radioactive mark --source train/ --key key.safetensors --fraction 0.1 --output released/train "
              "--vault private/vault\n"
@@ -138,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave this share of each class's unmarked images out of the release (listed in the record): "
                         "the control of the membership test (detect --method membership)")
     m.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the selection and augmentation draws")
+    _add_mark_settings(m)
+    _add_mark_run(m)
+
+
+def _add_mark_settings(m) -> None:
+    """``mark``: the preset and the marking settings that override it."""
     m.add_argument("--preset", choices=tuple(MARKING_PRESETS), default="linear",
                    help="the settings below that are not given come from this measured configuration: "
                         + "; ".join(f"{n}: {_preset_text(c)}" for n, c in MARKING_PRESETS.items())
@@ -161,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--min-psnr", type=_nonneg_float, default=MC.min_psnr,
                    help="per-image PSNR floor (dB): an image below it has its perturbation scaled down until it "
                         "reaches it (the mean hides a tail); 0: no floor")
+
+
+def _add_mark_run(m) -> None:
+    """``mark``: resuming, device, threads, metrics and the output format."""
     g = m.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted run into a non-empty output folder: same arguments required; "
@@ -185,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"encoder quality of a lossy --output-format, 1..100 (default {OutputFormat().quality})")
     m.add_argument("--allow-lossy", action="store_true", help="consent to a lossy --output-format")
 
+
+def _add_train(subs) -> None:
     t = _sub(subs, "train", "train a suspect with a reference recipe (plays the trainer)",
              "radioactive train --recipe linear --train released/ --test test/ --output suspect.safetensors")
     t.add_argument("--recipe", choices=("linear", "scratch"), default=TC.recipe,
@@ -199,8 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_positive_int, default=TC.epochs, help="epochs")
     t.add_argument("--views", type=_positive_int, default=TC.views, help="linear: augmented views whose features are extracted")
     t.add_argument("--batch-size", type=_positive_int, default=TC.batch_size, help="batch size")
-    t.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate (default 1e-3 linear, 0.05 scratch)")
-    t.add_argument("--weight-decay", type=_nonneg_float, default=None, help="weight decay (default 0 linear, 5e-4 scratch)")
+    t.add_argument("--lr", type=_positive_float, default=None, help=f"peak learning rate (default {default_lr('linear'):g} linear, {default_lr('scratch'):g} scratch)")
+    t.add_argument("--weight-decay", type=_nonneg_float, default=None, help=f"weight decay (default {default_weight_decay('linear'):g} linear, "
+                        f"{default_weight_decay('scratch'):g} scratch)")
     t.add_argument("--image-size", type=_positive_int, default=TC.image_size, help="side training images are resized to")
     t.add_argument("--seed", type=_nonneg_int, default=TC.seed, help="seed of initialisation and augmentation")
     t.add_argument("--teacher", type=_existing, default=None,
@@ -212,10 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trainer augmentation: pad-4 random crop + flip, or the same then TrivialAugmentWide")
     t.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
 
-    from .cli_detection import add_commands
 
-    add_commands(subs, _sub, _existing, _alpha, _positive_int, _nonneg_int)
-
+def _add_demo(subs) -> None:
     e = _sub(subs, "demo", "the whole story on CIFAR-10: keygen, mark, train a suspect and a control, detect, report",
              "radioactive demo --output-dir demo-output  # from scratch, ~35 min on 2 CPU cores\n"
              "  radioactive demo --setting linear --output-dir demo-linear  # linear probe, ~7 min")
@@ -226,121 +199,134 @@ def build_parser() -> argparse.ArgumentParser:
                         "a linear classifier on EfficientNet-Lite0 features, classic white-box test")
     e.add_argument("--output-dir", type=Path, required=True, help="folder to create for every artefact")
     e.add_argument("--data", type=_existing, default=None, help="the CIFAR-10 archive (default: looked up)")
-    e.add_argument("--train-per-class", type=_positive_int, default=1000, help="training images per class")
-    e.add_argument("--test-per-class", type=_positive_int, default=200, help="test images per class")
-    e.add_argument("--fraction", type=_fraction, default=0.1, help="marked fraction q")
+    e.add_argument("--train-per-class", type=_positive_int, default=DemoConfig.train_per_class, help="training images per class")
+    e.add_argument("--test-per-class", type=_positive_int, default=DemoConfig.test_per_class, help="test images per class")
+    e.add_argument("--fraction", type=_fraction, default=DemoConfig.marked_fraction, help="marked fraction q")
     e.add_argument("--seed", type=_nonneg_int, default=0, help="seed of everything")
     e.add_argument("--steps", type=_nonneg_int, default=MC.steps, help="marking steps")
-    e.add_argument("--epochs", type=_positive_int, default=30, help="training epochs (each model the demo trains)")
+    e.add_argument("--epochs", type=_positive_int, default=TC.epochs,
+                   help="training epochs (each model the demo trains)")
     e.add_argument("--target-psnr", type=_psnr_or_off, default=None,
                    help="mean PSNR (dB) that lambda_img is calibrated to before marking; 0: the preset's lambda_img "
                         "(default: 40.5 for from-scratch, 0 for linear)")
     e.add_argument("--references", type=_positive_int, default=DemoConfig.references,
                    help="from-scratch: vanilla reference models for the gradient test (each is one more training)")
-    return p
 
 
 def _emit(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
-def _folder_or_archive(source: Path, split: str = "train") -> Path:
-    """An image folder as given, or the ``split`` folder of the CIFAR-10 archive (extracted once into the cache)."""
-    from .data import extract_cifar10
-
-    if source is not None and source.is_file() and source.name.endswith((".tar.gz", ".tgz", ".tar")):
-        return extract_cifar10(source) / split
-    return source
-
-
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if args.command == "keygen":
-        from .data import list_image_folder
-        from .keys import generate_key
-
-        if args.data is not None:
-            classes = list(list_image_folder(_folder_or_archive(args.data)).classes)
-        else:
-            classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-        spec = (MarkingNetworkSpec("trained", args.image_size, path=str(args.network_weights))
-                if args.network_weights else MarkingNetworkSpec(args.network, args.image_size))
-        key = generate_key(classes, spec, seed=args.seed)
-        path = key.save(args.output)
-        _emit({"key": str(path), "fingerprint": key.fingerprint, "classes": len(classes), "dim": key.dim,
-               "network": key.network.to_dict()})
-    elif args.command == "mark":
-        from .keys import Key
-        from .marking import mark_folder
-        from .marking.distributed import from_env, shutdown
-
-        given = {k: getattr(args, k) for k in _PRESET_FIELDS if hasattr(args, k)}  # flags the user gave
-        cfg = dataclasses.replace(MARKING_PRESETS[args.preset], threads=args.threads, min_psnr=args.min_psnr, **given)
-        if args.output_format != "png" and not args.allow_lossy:
-            parser.error(f"--output-format {args.output_format} is lossy and weakens the mark; add --allow-lossy to "
-                         "accept that (the share of the mark that survives is then measured), or keep png")
-        if args.output_format == "png" and args.quality is not None:
-            parser.error("--quality applies to a lossy --output-format (jpeg, webp); png is lossless")
-        fmt = OutputFormat(args.output_format, args.quality or OutputFormat().quality, allow_lossy=args.allow_lossy)
-        files = None
-        if args.files is not None:
-            files = [ln.strip() for ln in args.files.read_text().splitlines() if ln.strip()]
-        if args.target_psnr is not None and "lambda_img" in given:
-            parser.error("--target-psnr chooses --lambda-img: give one of them")
-        ranks = from_env(args.device)  # one process unless started by torchrun
-        try:
-            if args.target_psnr is not None:
-                cfg = _calibrated(args, cfg, files, ranks)
-            summary = mark_folder(_folder_or_archive(args.source), Key.load(args.key), args.output, vault=args.vault,
-                                  fraction=args.fraction, files=files, seed=args.seed, config=cfg,
-                                  overwrite=args.overwrite, resume=args.resume, progress=sys.stderr.isatty(),
-                                  device=args.device, holdout_fraction=args.holdout_fraction, strict=args.strict,
-                                  withhold_fraction=args.withhold_fraction, metrics=args.metrics, ranks=ranks,
-                                  output_format=fmt, known_vaults=tuple(args.known_vault),
-                                  allow_remark=args.allow_remark, public_notice=args.public_notice)
-        except RadioactiveError:
-            if ranks.rank != 0:  # every rank fails alike; rank 0 says why, once
-                raise SystemExit(1) from None
-            raise
-        finally:
-            shutdown()
-        if ranks.rank != 0:
-            return 0
-        print("\n".join(summary.lines()), file=sys.stderr)
-        _emit(summary.to_dict())
-        summary.check_marked()  # no image carries the mark: one line, exit 1
-    elif args.command == "train":
-        from .training import default_lr, train
-
-        if args.temperature is not None and args.teacher is None:
-            parser.error("--temperature is a distillation setting: give --teacher too")
-        wd = args.weight_decay if args.weight_decay is not None else (0.0 if args.recipe == "linear" else 5e-4)
-        cfg = TrainConfig(recipe=args.recipe, architecture=args.arch,
-                          backbone=MarkingNetworkSpec(args.network, args.network_image_size), epochs=args.epochs,
-                          views=args.views, batch_size=args.batch_size, lr=args.lr or default_lr(args.recipe),
-                          weight_decay=wd, image_size=args.image_size, seed=args.seed,
-                          teacher=str(args.teacher) if args.teacher else None,
-                          temperature=TC.temperature if args.temperature is None else args.temperature,
-                          augmentation=args.augmentation)
-        _emit(train(_folder_or_archive(args.train), _folder_or_archive(args.test, "test"), args.output, cfg, progress=sys.stderr.isatty(), device=args.device).to_dict())
-    elif args.command in COMMANDS:
+    """Run the subcommand of ``args``; returns the exit status."""
+    if args.command in COMMANDS:
         _emit(run_detection(args, parser))
-    elif args.command == "demo":
-        from .demo import run_demo
+        return 0
+    handlers = {"keygen": _run_keygen, "mark": _run_mark, "train": _run_train, "demo": _run_demo}
+    return handlers[args.command](args, parser)
 
-        base = DemoConfig(setting=args.setting).resolved()
-        cfg = DemoConfig(setting=args.setting, train_per_class=args.train_per_class, test_per_class=args.test_per_class,
-                         marked_fraction=args.fraction, seed=args.seed, references=args.references,
-                         target_psnr=args.target_psnr,
-                         marking=dataclasses.replace(base.marking, steps=args.steps),
-                         training=dataclasses.replace(base.training, epochs=args.epochs, seed=args.seed))
-        summary = run_demo(args.output_dir, cfg, archive=args.data, progress=sys.stderr.isatty())
-        for name, s in summary["suspects"].items():
-            print(f"{name:<8} accuracy {100 * s['accuracy']:.2f} %: {s['verdict']}", file=sys.stderr)
-        print(f"PSNR {summary['psnr_db_mean']:.2f} dB, linf {summary['linf_max']}, {summary['seconds']:.0f} s; release "
-              f"{Path(args.output_dir) / summary['release']} (publish), vault {Path(args.output_dir) / summary['vault']} "
-              f"(private, 0700); report: {Path(args.output_dir) / 'report.md'}", file=sys.stderr)
-        _emit({k: summary[k] for k in ("setting", "dataset", "marked_fraction", "psnr_db_mean", "linf_max", "suspects",
-                                       "seconds")})
+
+def _run_keygen(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .data import list_image_folder
+    from .keys import generate_key
+
+    if args.data is not None:
+        classes = list(list_image_folder(_folder_or_archive(args.data)).classes)
+    else:
+        classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    spec = (MarkingNetworkSpec("trained", args.image_size, path=str(args.network_weights))
+            if args.network_weights else MarkingNetworkSpec(args.network, args.image_size))
+    key = generate_key(classes, spec, seed=args.seed)
+    path = key.save(args.output)
+    _emit({"key": str(path), "fingerprint": key.fingerprint, "classes": len(classes), "dim": key.dim,
+           "network": key.network.to_dict()})
+    return 0
+
+
+def _mark_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """``mark``: (marking config, output format, files to mark or None) from the flags; usage errors exit 2."""
+    given = {k: getattr(args, k) for k in _PRESET_FIELDS if hasattr(args, k)}  # flags the user gave
+    cfg = dataclasses.replace(MARKING_PRESETS[args.preset], threads=args.threads, min_psnr=args.min_psnr, **given)
+    if args.output_format != "png" and not args.allow_lossy:
+        parser.error(f"--output-format {args.output_format} is lossy and weakens the mark; add --allow-lossy to "
+                     "accept that (the share of the mark that survives is then measured), or keep png")
+    if args.output_format == "png" and args.quality is not None:
+        parser.error("--quality applies to a lossy --output-format (jpeg, webp); png is lossless")
+    fmt = OutputFormat(args.output_format, args.quality or OutputFormat().quality, allow_lossy=args.allow_lossy)
+    files = None
+    if args.files is not None:
+        files = [ln.strip() for ln in args.files.read_text().splitlines() if ln.strip()]
+    if args.target_psnr is not None and "lambda_img" in given:
+        parser.error("--target-psnr chooses --lambda-img: give one of them")
+    return cfg, fmt, files
+
+
+def _run_mark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .keys import Key
+    from .marking import mark_folder
+    from .marking.distributed import from_env, shutdown
+
+    cfg, fmt, files = _mark_config(args, parser)
+    ranks = from_env(args.device)  # one process unless started by torchrun
+    try:
+        if args.target_psnr is not None:
+            cfg = _calibrated(args, cfg, files, ranks)
+        summary = mark_folder(_folder_or_archive(args.source), Key.load(args.key), args.output, vault=args.vault,
+                              fraction=args.fraction, files=files, seed=args.seed, config=cfg,
+                              overwrite=args.overwrite, resume=args.resume, progress=sys.stderr.isatty(),
+                              device=args.device, holdout_fraction=args.holdout_fraction, strict=args.strict,
+                              withhold_fraction=args.withhold_fraction, metrics=args.metrics, ranks=ranks,
+                              output_format=fmt, known_vaults=tuple(args.known_vault),
+                              allow_remark=args.allow_remark, public_notice=args.public_notice)
+    except RadioactiveError:
+        if ranks.rank != 0:  # every rank fails alike; rank 0 says why, once
+            raise SystemExit(1) from None
+        raise
+    finally:
+        shutdown()
+    if ranks.rank != 0:
+        return 0
+    print("\n".join(summary.lines()), file=sys.stderr)
+    _emit(summary.to_dict())
+    summary.check_marked()  # no image carries the mark: one line, exit 1
+    return 0
+
+
+def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .training import train
+
+    if args.temperature is not None and args.teacher is None:
+        parser.error("--temperature is a distillation setting: give --teacher too")
+    wd = args.weight_decay if args.weight_decay is not None else default_weight_decay(args.recipe)
+    cfg = TrainConfig(recipe=args.recipe, architecture=args.arch,
+                      backbone=MarkingNetworkSpec(args.network, args.network_image_size), epochs=args.epochs,
+                      views=args.views, batch_size=args.batch_size, lr=args.lr or default_lr(args.recipe),
+                      weight_decay=wd, image_size=args.image_size, seed=args.seed,
+                      teacher=str(args.teacher) if args.teacher else None,
+                      temperature=TC.temperature if args.temperature is None else args.temperature,
+                      augmentation=args.augmentation)
+    _emit(train(_folder_or_archive(args.train), _folder_or_archive(args.test, "test"), args.output, cfg,
+                progress=sys.stderr.isatty(), device=args.device).to_dict())
+    return 0
+
+
+def _run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .demo import run_demo
+
+    base = DemoConfig(setting=args.setting).resolved()
+    cfg = DemoConfig(setting=args.setting, train_per_class=args.train_per_class, test_per_class=args.test_per_class,
+                     marked_fraction=args.fraction, seed=args.seed, references=args.references,
+                     target_psnr=args.target_psnr,
+                     marking=dataclasses.replace(base.marking, steps=args.steps),
+                     training=dataclasses.replace(base.training, epochs=args.epochs, seed=args.seed))
+    summary = run_demo(args.output_dir, cfg, archive=args.data, progress=sys.stderr.isatty())
+    for name, s in summary["suspects"].items():
+        print(f"{name:<8} accuracy {100 * s['accuracy']:.2f} %: {s['verdict']}", file=sys.stderr)
+    print(f"PSNR {summary['psnr_db_mean']:.2f} dB, linf {summary['linf_max']}, {summary['seconds']:.0f} s; release "
+          f"{Path(args.output_dir) / summary['release']} (publish), vault {Path(args.output_dir) / summary['vault']} "
+          f"(private, 0700); report: {Path(args.output_dir) / 'report.md'}", file=sys.stderr)
+    _emit({k: summary[k] for k in ("setting", "dataset", "marked_fraction", "psnr_db_mean", "linf_max", "suspects",
+                                   "seconds")})
     return 0
 
 

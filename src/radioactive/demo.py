@@ -28,16 +28,14 @@ from .keys import generate_key
 from .marking import MARKING_PRESETS, MarkingConfig, calibrate_lambda_img, mark_folder
 from .networks import MarkingNetworkSpec
 from .report import markdown_report, plot_cosines
-from .training import TrainConfig, train
+from .training import SCRATCH_RECIPE, TrainConfig, train
 
 log = logging.getLogger(__name__)
 
 SETTINGS = ("from-scratch", "linear")
 _TRAINERS = {
-    # docs/from-scratch.md, "Protocol": ResNet-18 at 32 px, SGD 0.05 cosine, weight decay 5e-4, 30 epochs
-    "from-scratch": TrainConfig(recipe="scratch", architecture="resnet18", epochs=30, lr=0.05, weight_decay=5e-4,
-                                image_size=32),
-    "linear": TrainConfig(recipe="linear", epochs=30, views=2),
+    "from-scratch": SCRATCH_RECIPE,  # docs/from-scratch.md, "Protocol"
+    "linear": TrainConfig(recipe="linear"),  # the linear recipe's defaults (30 epochs, 2 views)
 }
 # dB; 0: the preset's lambda_img (docs/from-scratch.md, "Calibrated marks and a softer loss")
 _TARGET_PSNR = {"from-scratch": 40.5, "linear": 0.0}

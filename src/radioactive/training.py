@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 TRAINER_AUGMENTATIONS = ("crop_flip", "trivialaugment")
 
 
+DISTILLATION_TEMPERATURES = (0.1, 100.0)
+"""Accepted distillation temperatures T (inclusive); the one home of this range (TrainConfig, the CLI)."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """A trainer recipe.
@@ -72,7 +76,7 @@ class TrainConfig:
             classes. When set, the loss is distillation, ``T^2 KL(softmax(z_t / T) || softmax(z_s / T))``
             (Hinton et al. 2015, Section 2), between the teacher's logits z_t and the student's z_s on the
             same augmented image; the folder's labels are not used.
-        temperature: T of the distillation loss, in [0.1, 100].
+        temperature: T of the distillation loss, in :data:`DISTILLATION_TEMPERATURES` ([0.1, 100]).
         augmentation: the trainer's augmentation: ``crop_flip`` (pad-4 random crop + horizontal flip) or
             ``trivialaugment`` (the same, then ``torchvision.transforms.v2.TrivialAugmentWide`` per image).
     """
@@ -99,8 +103,10 @@ class TrainConfig:
         if self.augmentation not in TRAINER_AUGMENTATIONS:
             raise RadioactiveError(f"augmentation must be one of {', '.join(TRAINER_AUGMENTATIONS)}, "
                                    f"got {self.augmentation!r}")
-        if not 0.1 <= self.temperature <= 100:
-            raise RadioactiveError(f"temperature must be in [0.1, 100] (Hinton et al. use 1 to 20), got {self.temperature}")
+        lo, hi = DISTILLATION_TEMPERATURES
+        if not lo <= self.temperature <= hi:
+            raise RadioactiveError(f"temperature must be in [{lo:g}, {hi:g}] (Hinton et al. use 1 to 20), "
+                                   f"got {self.temperature}")
 
 
 @dataclass
@@ -309,7 +315,18 @@ def _train_scratch(x, y, num_classes, config, progress, device, teacher=None):
     return net, model.state_dict(), meta
 
 
+SCRATCH_RECIPE = TrainConfig(recipe="scratch", architecture="resnet18", lr=0.05, weight_decay=5e-4, image_size=32)
+"""The from-scratch recipe (docs/from-scratch.md, "Protocol"): ResNet-18 at 32 px, SGD 0.05 with a cosine
+schedule, weight decay 5e-4, 30 epochs. The one home of its numbers: the demo trains with it, and ``train
+--recipe scratch`` takes its lr and weight decay when none is given."""
+
+
 def default_lr(recipe: str) -> float:
     """Peak learning rate of a recipe when none is given."""
-    return 1e-3 if recipe == "linear" else 0.05
+    return TrainConfig.lr if recipe == "linear" else SCRATCH_RECIPE.lr
+
+
+def default_weight_decay(recipe: str) -> float:
+    """Weight decay of a recipe when none is given."""
+    return TrainConfig.weight_decay if recipe == "linear" else SCRATCH_RECIPE.weight_decay
 
