@@ -1,10 +1,21 @@
-"""What ``mark_folder`` did: :class:`MarkSummary`, its printed lines and the check that the mark is there."""
+"""What ``mark_folder`` did: :class:`MarkSummary`, its printed lines and the check that the mark is there, and
+:func:`merge_run`, which writes the record from the run's journals and sums the run up."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import time
+from array import array
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
+from ..data import atomic_writer
 from ..errors import RadioactiveError
+from .plan import RunPlan
+from .resume import Journal, journal_path, part_paths
+from .verify import shift_stats, unmarked_threshold
 
 
 @dataclass
@@ -153,3 +164,85 @@ class MarkSummary:
         if self.commitment:
             out.append(f"commitment {self.commitment} (publish or timestamp it with the release; vault {self.vault})")
         return out
+
+
+def merge_run(plan: RunPlan, t0: float) -> MarkSummary:
+    """Rank 0, once every rank is done: write the record from the journal and its parts, and sum up.
+
+    Streams: the journal files are indexed (unit -> line offset) and each unit's line read back in unit
+    order, twice: once for the carrier shifts (the unmarked threshold needs their median), once to write the
+    record, so memory grows with the number of images by a few bytes only.
+    """
+    journal = Journal(journal_path(plan.record), plan.identity)
+    paths = [journal.path, *part_paths(plan.record)]
+    where: dict[int, tuple[int, int]] = {}  # unit -> (file, byte offset of its line)
+    for k, p in enumerate(paths):
+        where.update({u["unit"]: (k, pos) for pos, u in Journal(p, plan.identity).units()})
+    missing = [n for n in range(len(plan.units)) if n not in where]
+    if missing:
+        raise RadioactiveError(
+            f"{len(missing)} units of the run (e.g. unit {missing[0]}) are in no journal beside {plan.record}: the "
+            "output and the record must be on a filesystem that every rank (every node) shares; run again with --resume")
+    folder = plan.folder
+    psnr, released_psnr, shifts = array("d"), array("d"), array("d")
+    skipped: dict[str, str] = {}
+    num_marked = num_entries = num_copied = linf_max = identical = blended = 0
+    lossless_sum = 0.0  # marked images' carrier shift before a lossy encoding
+    unmarked: list[dict] = []
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(open(p, "rb")) for p in paths]
+
+        def unit_lines():
+            for n in range(len(plan.units)):
+                k, pos = where[n]
+                files[k].seek(pos)
+                yield json.loads(files[k].readline())
+
+        shifts.extend(e["carrier_shift"] for r in unit_lines() for e in r["entries"] if "carrier_shift" in e)
+        threshold = unmarked_threshold(np.frombuffer(shifts, dtype=np.float64)) if shifts else None
+        record = stack.enter_context(atomic_writer(plan.record, private=True))
+        record.write((json.dumps(plan.header) + "\n").encode())
+        for r in unit_lines():
+            for e in r["entries"]:
+                if threshold is not None and "carrier_shift" in e and e["carrier_shift"] <= threshold:
+                    e["unmarked"] = True
+                    unmarked.append({"source": e["source"], "carrier_shift": e["carrier_shift"], "released": e["released"]})
+                record.write((json.dumps(e) + "\n").encode())
+                num_entries += 1
+                num_marked += e["released"]
+                identical += e["psnr_db"] is None
+                blended += "blend" in e
+                lossless_sum += e.get("carrier_shift_lossless", 0.0)
+                linf_max = max(linf_max, e["linf"])
+            psnr.extend(p for p in r["psnr"] if p is not None)
+            released_psnr.extend(p for p in r.get("released_psnr", []) if p is not None)
+            num_copied += r["copied"]
+            for f, why in r["skipped"]:
+                skipped.setdefault(f, why)
+        for i in plan.withheld:
+            record.write((json.dumps({"source": folder.files[i], "class": folder.classes[folder.labels[i]],
+                                      "carrier_index": folder.labels[i], "withheld": True}) + "\n").encode())
+    journal.close(remove=True)
+    for p in part_paths(plan.record):
+        p.unlink(missing_ok=True)
+    finite = np.frombuffer(psnr, dtype=np.float64)
+    rel = np.frombuffer(released_psnr, dtype=np.float64)
+    lossy_psnr = ({"psnr_db_released_mean": float(np.mean(rel)), "psnr_db_released_p5": float(np.percentile(rel, 5))}
+                  if plan.output_format.lossy and rel.size else {})
+    stats = shift_stats(np.frombuffer(shifts, dtype=np.float64))
+    survival = {}
+    if plan.output_format.lossy and shifts:
+        survival = {"carrier_shift_lossless_mean": lossless_sum / len(shifts),
+                    "mark_survival": sum(shifts) / lossless_sum if lossless_sum > 0 else None}
+    return MarkSummary(
+        output=str(plan.output), record=str(plan.record), num_images=len(folder), num_marked=num_marked,
+        num_copied=num_copied, num_holdout=num_entries - num_marked, num_withheld=len(plan.withheld),
+        num_skipped=len(skipped), skipped=[{"file": f, "reason": r} for f, r in sorted(skipped.items())],
+        ignored=list(folder.ignored),
+        psnr_db_mean=float(np.mean(finite)) if finite.size else None,
+        psnr_db_p5=float(np.percentile(finite, 5)) if finite.size else None,
+        psnr_db_min=float(np.min(finite)) if finite.size else None, identical_images=identical,
+        blended_images=blended, linf_max=linf_max, seconds=time.time() - t0,
+        output_format=plan.output_format.describe(), **stats, unmarked_threshold=threshold,
+        unmarked_images=len(unmarked), unmarked=sorted(unmarked, key=lambda u: u["source"]), **survival, **lossy_psnr,
+    )
