@@ -133,6 +133,13 @@ def copy_source(train: Path, dest: Path, per_class: int) -> None:
 def mark_small(source: Path, key: Path, release: Path, vault: Path, preset: str) -> None:
     """10 released + 10 withheld marked images a class (of 100), for the black-box control test."""
     if (vault / "record.jsonl").is_file():
+        from radioactive.keys import Key
+
+        header = json.loads((vault / "record.jsonl").read_text().splitlines()[0])
+        if header.get("key_fingerprint") != Key.load(key).fingerprint:
+            log.warning("%s was marked with another key (or a key of another fingerprint schema): the gradient "
+                        "and decoy-carrier tests will refuse it; delete %s and %s to remark", vault / "record.jsonl",
+                        vault, release)
         return
     run_cmd([radioactive_cli(), "mark", "--source", str(source), "--key", str(key), "--fraction", "0.1",
              "--holdout-fraction", "0.1", "--output", str(release), "--vault", str(vault), "--preset", preset,
