@@ -22,14 +22,19 @@ Owner files. The demo's models are tested with the demo's key (in-domain marking
 The black-box control test needs withheld marked images: ``prepare`` marks a small record for each key
 (100 images a class copied from the demo's vanilla training slice, ``--fraction 0.1 --holdout-fraction 0.1``:
 10 released and 10 withheld marked images a class). White-box alignments use the demo's 2,000 vanilla test
-images. Gradient and decoy-carrier references are fixed (:data:`REFERENCES`): vanilla-b for vanilla-a and the marking
-network; the marking network for vanilla-b; the linear probe for the random-init model; none for the linear probe.
+images. Gradient and decoy-carrier references are fixed (:data:`REFERENCES`): vanilla-b for vanilla-a and the
+marking network; the marking network for vanilla-b; the linear probe for the random-init model; none for the
+linear probe.
 
-Usage (from the repository root; ``prepare`` is idempotent, and the demo's models are skipped until the demo
-run has finished)::
+decoy-carrier runs with M 29 and n 5 on ``--decoy-models``; a timed pilot sets the number of samples that fit
+``--decoy-seconds`` per model, and a model where none fits is skipped (nothing written).
+
+Usage (from the repository root; ``prepare`` is idempotent; ``run`` skips the demo's models until the demo has
+written them, and ``--wait`` keeps polling for them)::
 
     .venv/bin/python benchmarks/null_calibration.py prepare --demo runs/demo-seed0
-    .venv/bin/python benchmarks/null_calibration.py run --demo runs/demo-seed0
+    .venv/bin/python benchmarks/null_calibration.py run --demo runs/demo-seed0 --wait 7800
+    .venv/bin/python benchmarks/null_calibration.py table
 """
 
 from __future__ import annotations
