@@ -55,46 +55,54 @@ def test_from_scratch_demo_end_to_end(tmp_path):
     summary = run_demo(out, cfg, progress=False)
     saved = json.loads((out / "summary.json").read_text())
     assert saved["setting"] == "from-scratch" and saved["suspects"].keys() == {"marked", "vanilla"}
-    marker = out / "private" / "marking-network.safetensors"
-    references = [out / "private" / "reference.safetensors", out / "private" / "reference2.safetensors"]
+    marker = out / "vault" / "marking-network.safetensors"
+    references = [out / "vault" / "references" / f"reference{i}.safetensors" for i in (1, 2)]
     network = summary["key"]["network"]
     assert network["name"] == "trained" and network["weights_sha256"] == sha256_file(marker)
     assert summary["marking"]["num_marked"] == 10 and summary["psnr_db_mean"] > 35
     for name in ("marked", "vanilla"):
-        result = json.loads((out / f"detect-{name}.json").read_text())
-        assert result["method"] == "white-box gradient" and len(result["cosines"]) == 10
-        assert result["extra"]["reference"] == [str(r) for r in references]
-        assert result["extra"]["reference_sha256"] == [sha256_file(r) for r in references]
-        assert (out / f"report-{name}.html").is_file() and (out / f"cosines-{name}.png").is_file()
+        audit = json.loads((out / f"audit-{name}.json").read_text())
+        assert audit["kind"] == "radioactive-audit" and [t["method"] for t in audit["tests"]] == ["gradient"]
+        assert audit["verdict"] == summary["suspects"][name]["verdict"] and not audit["exploratory"]
+        result = audit["tests"][0]  # the plan holds the gradient test with the two references, fixed before testing
+        assert result["validity"] == "exact" and len(result["cosines"]) == 10
+        assert [Path(r).resolve() for r in result["details"]["references"]] == [r.resolve() for r in references]
+        assert result["details"]["reference_sha256"] == [sha256_file(r) for r in references]
+        assert audit["adjusted_log10_pvalues"]["gradient"] == pytest.approx(result["log10_pvalue"])  # one test: m = 1
+        assert (out / f"audit-{name}.html").is_file() and (out / f"cosines-{name}.png").is_file()
+        assert summary["suspects"][name]["commitment_matches"] is True
     # a model that never saw the marks is not detected (exact null: fails with probability alpha)
-    assert not summary["suspects"]["vanilla"]["detected"]
+    assert summary["suspects"]["vanilla"]["detected"] is False
     # the suspects train with another seed than the marking network: they are not the marker
     models = [marker, *references, out / "models" / "vanilla.safetensors", out / "models" / "marked.safetensors"]
     assert len({sha256_file(m) for m in models}) == 5
-    assert [r["path"] for r in summary["references"]] == ["private/reference.safetensors", "private/reference2.safetensors"]
+    assert [r["path"] for r in summary["references"]] == [f"vault/references/reference{i}.safetensors" for i in (1, 2)]
     assert saved["config"]["marking"]["augmentation"] == "pad_crop"  # the resolved configuration is recorded
     calibration = saved["lambda_img_calibration"]  # lambda_img calibrated on a pilot before marking
     assert calibration["target_psnr_db"] == 40.5 and len(calibration["trials"]) >= 2
-    record = json.loads((out / "private" / "record.jsonl").read_text().splitlines()[0])
+    record = json.loads((out / "vault" / "record.jsonl").read_text().splitlines()[0])
     assert record["config"]["lambda_img"] == calibration["lambda_img"]
     report = (out / "report.md").read_text()
-    assert "white-box gradient" in report and "from scratch" in report and "2 more vanilla ResNet-18" in report
+    assert "gradient (exact" in report and "from scratch" in report and "2 more vanilla ResNet-18" in report
     # the demo folder moved as a whole still tests: the key finds its marking network beside it
     moved = tmp_path / "moved"
     shutil.move(out, moved)
-    key = Key.load(moved / "private" / "key.safetensors")
-    assert key.network.path == str((moved / "private" / "marking-network.safetensors").resolve())
-    again = gradient_detect(moved / "private" / "record.jsonl", key, moved / "models" / "marked.safetensors",
-                            [moved / "private" / "reference.safetensors", moved / "private" / "reference2.safetensors"],
+    key = Key.load(moved / "vault" / "key.safetensors")
+    assert key.network.path == str((moved / "vault" / "marking-network.safetensors").resolve())
+    again = gradient_detect(moved / "vault" / "record.jsonl", key, moved / "models" / "marked.safetensors",
+                            [moved / "vault" / "references" / f"reference{i}.safetensors" for i in (1, 2)],
                             source_root=moved / "data" / "vanilla" / "train")
-    assert again.log10_pvalue == pytest.approx(summary["suspects"]["marked"]["log10_pvalue"], abs=1e-6)
+    assert again.log10_pvalue == pytest.approx(summary["suspects"]["marked"]["tests"]["gradient"]["log10_pvalue"],
+                                               abs=1e-6)
 
 
 @pytest.mark.slow
 def test_linear_demo_end_to_end(tmp_path):
-    """The public marking network, a linear suspect, the classic white-box test with decoy keys."""
+    """The public marking network, a linear suspect, the classic white-box test with decoy keys.
+
+    The alignment needs more test images than the marking network's D = 1,280 features: 130 a class."""
     base = DemoConfig(setting="linear").resolved()
-    cfg = replace(base, train_per_class=8, test_per_class=4, decoys=5, marking=replace(base.marking, steps=2),
+    cfg = replace(base, train_per_class=8, test_per_class=130, decoys=5, marking=replace(base.marking, steps=2),
                   training=replace(base.training, epochs=1))
     summary = run_demo(tmp_path / "demo", cfg, progress=False)
     assert summary["setting"] == "linear" and summary["marking_network"] is None
@@ -102,10 +110,15 @@ def test_linear_demo_end_to_end(tmp_path):
     assert summary["key"]["network"]["name"] == "efficientnet_lite0"
     assert summary["marking"]["num_marked"] == 10  # one a class
     for name, row in summary["suspects"].items():
-        assert row["test"] == "white-box" and row["alignment_r2"] is not None
-        assert row["decoy_empirical_log10_pvalue"] <= 0 and (tmp_path / "demo" / f"report-{name}.html").is_file()
-    assert not (tmp_path / "demo" / "private" / "marking-network.safetensors").exists()
-    assert "rank among decoy keys" in (tmp_path / "demo" / "report.md").read_text()
+        assert row["test"] == "audit (white-box)" and not row["not_run"] and row["detected"] is not None
+        assert row["tests"]["white-box"]["validity"] == "exact"
+        audit = json.loads((tmp_path / "demo" / f"audit-{name}.json").read_text())
+        details = audit["tests"][0]["details"]
+        assert details["type"] == "WhiteBoxDetails" and details["num_alignment_images"] == 1300
+        assert details["alignment_r2"] is not None and details["decoys"]["num_keys"] == 5
+        assert row["decoy_empirical_log10_pvalue"] <= 0 and (tmp_path / "demo" / f"audit-{name}.html").is_file()
+    assert not (tmp_path / "demo" / "vault" / "marking-network.safetensors").exists()
+    assert "decoy keys" in (tmp_path / "demo" / "report.md").read_text()
 
 
 def test_demo_refuses_unknown_setting_and_non_empty_output(tmp_path):
@@ -132,7 +145,8 @@ def test_mark_preset_and_explicit_flags(tmp_path):
                                                                                  "--lambda-img", "2"]),
                         ("default", [])):
         out = json.loads(run_cli("mark", "--source", train_dir, "--key", key, "--fraction", 0.5, "--steps", 1,
-                                 "--output", tmp_path / name / "train", *extra, check_rc=0).stdout)
+                                 "--output", tmp_path / name / "train", "--vault", tmp_path / name / "vault", *extra,
+                                 check_rc=0).stdout)
         got[name] = _record_config(Path(out["record"]))
     assert got["scratch"]["augmentation"] == "pad_crop" and got["scratch"]["lambda_img"] == 0.7
     assert got["override"]["augmentation"] == "pad_crop" and got["override"]["lambda_img"] == 2.0
