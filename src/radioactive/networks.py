@@ -186,7 +186,7 @@ def load_marking_network(spec: MarkingNetworkSpec) -> tuple[FeatureNetwork, Mark
     features, input normalisation (255 x - 127) / 128), loaded strictly.
 
     ``trained``: the network saved by ``radioactive train`` at ``spec.path``
-    (read like a suspect, without unpickling: see :func:`load_suspect`); its
+    (read like a suspect, without unpickling: see :func:`radioactive.suspects.load_suspect`); its
     features are the input of its last linear layer.
 
     Returns:
@@ -234,6 +234,8 @@ def _load_trained_marking_network(spec: MarkingNetworkSpec) -> tuple[FeatureNetw
     if spec.weights_sha256 is not None and spec.weights_sha256 != digest:
         raise RadioactiveError(f"marking network weights {path} differ from the key's "
                                f"(sha256 {digest[:12]} vs {spec.weights_sha256[:12]})")
+    from .suspects import load_suspect  # suspects imports this module
+
     net, meta = load_suspect(path)
     if meta.get("architecture") in ("linear", "torchscript"):
         raise RadioactiveError(f"{path}: a marking network must be a full network, not {meta['architecture']!r}")
