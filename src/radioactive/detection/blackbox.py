@@ -251,7 +251,7 @@ def split_null(d: np.ndarray, groups: np.ndarray, num_released: dict, num: int, 
     out = np.empty(num)
     for i in range(num):
         released = np.zeros(len(d), dtype=bool)
-        for g, n_r in num_released.items():
+        for g, n_r in sorted(num_released.items()):
             idx = np.flatnonzero(groups == g)
             released[rng.choice(idx, n_r, replace=False)] = True
         out[i] = control_test(d[released], d[~released])[0]
