@@ -24,7 +24,8 @@ from .errors import RadioactiveError
 from .networks import MarkingNetworkSpec
 
 KEY_SCHEMA = 2
-"""2: the fingerprint covers the class names and their order (schema 1 keys, carriers only, are still read)."""
+"""2: the fingerprint covers the class names and their order. Schema 1 keys are still read and keep their
+carriers-only fingerprint, which the records and plans made with them carry."""
 
 
 def carriers_fingerprint(carriers: torch.Tensor) -> str:
@@ -127,7 +128,10 @@ class Key:
             recorded = meta["fingerprint"]
         except (KeyError, TypeError, ValueError) as e:
             raise RadioactiveError(f"{path}: malformed key metadata ({e!r})") from e
-        expected = carriers_fingerprint(carriers) if meta["schema"] == 1 else key.fingerprint
+        expected = key.fingerprint
+        if meta["schema"] == 1:  # records and plans made with it carry this carriers-only fingerprint: keep it
+            expected = carriers_fingerprint(carriers)
+            key = replace(key, fingerprint=expected)
         if expected != recorded:
             raise RadioactiveError(f"{path}: carriers and classes do not match the recorded fingerprint (file damaged?)")
         net = key.network
