@@ -236,6 +236,7 @@ def run_calibrate(args, parser) -> dict:
 
 
 def run_report(args, parser) -> dict:
+    from .data import read_json
     from .detection import DetectionResult
     from .detection.audit import AuditResult
     from .report import audit_html, html_report
@@ -244,14 +245,15 @@ def run_report(args, parser) -> dict:
     if args.vault is not None and args.record is not None:
         parser.error("--vault holds the record: give one of --vault or --record")
     record = open_vault(args.vault).record_path if args.vault is not None else args.record
-    try:
-        d = json.loads(Path(args.result).read_text())
-    except (OSError, ValueError) as e:
-        raise RadioactiveError(f"{args.result} is not a result ({e})") from e
-    if isinstance(d, dict) and d.get("kind") == "radioactive-audit":
-        path = audit_html(AuditResult.from_dict(d), args.output, args.vault, record)
+    def parse(d):
+        audit = isinstance(d, dict) and d.get("kind") == "radioactive-audit"
+        return (AuditResult if audit else DetectionResult).from_dict(d)
+
+    result = read_json(args.result, "a detection or audit result", parse)
+    if isinstance(result, AuditResult):
+        path = audit_html(result, args.output, args.vault, record)
     else:
-        path = html_report(DetectionResult.load(args.result), args.output, record)
+        path = html_report(result, args.output, record)
     return {"report": str(path)}
 
 

@@ -23,7 +23,7 @@ from .folders import IMAGE_EXTENSIONS, ImageFolder, list_image_folder
 from .images import (ALPHA_BACKGROUND, MAX_PIXELS, DecodedImage, display_size, load_folder_array, load_rgb,
                      read_image, to_batch)
 from .io import (PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, atomic_write_bytes, atomic_writer, make_dirs,
-                 sha256_file)
+                 read_json, sha256_file)
 from .record import RecordEntry, read_record, read_withheld
 
 __all__ = [

@@ -17,6 +17,31 @@ from typing import BinaryIO
 from ..errors import RadioactiveError
 
 
+def read_json(path: str | os.PathLike, what: str, parse=None):
+    """A JSON file's content, parsed by ``parse`` when given; every failure is one :class:`RadioactiveError` that
+    names the file and ``what`` it should be.
+
+    Args:
+        path: the file. what: what it should be, for messages ("an audit plan").
+        parse: ``dict -> object`` (e.g. a ``from_dict``); its RadioactiveError is prefixed with the path.
+
+    Raises:
+        RadioactiveError: unreadable file, invalid JSON, or ``parse``'s error.
+    """
+    import json
+
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise RadioactiveError(f"{path} is not {what} ({e})") from e
+    if parse is None:
+        return d
+    try:
+        return parse(d)
+    except RadioactiveError as e:
+        raise RadioactiveError(f"{path}: {e}") from e
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -169,14 +169,9 @@ def check_unique(classes: list[str] | tuple[str, ...] | None) -> None:
 
 def marked_output_hashes(record: str | Path) -> dict[str, str]:
     """sha256 -> released name of every marked image a record lists (released or holdout)."""
-    out = {}
-    for ln in Path(record).read_text().splitlines()[1:]:
-        if not ln.strip():
-            continue
-        e = json.loads(ln)
-        if isinstance(e, dict) and e.get("sha256"):
-            out[e["sha256"]] = str(e.get("output", ""))
-    return out
+    from ..data.record import read_record
+
+    return {e.sha256: e.name for e in read_record(record)[1] if e.sha256}
 
 
 def check_alignment_images(paths: list[Path], record: str | Path | None) -> None:

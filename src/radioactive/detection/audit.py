@@ -140,18 +140,17 @@ class AuditResult:
 
 
 def _record_has(record: Path | None, flag: str) -> bool:
-    """Whether the record lists holdout (``released: false``) or withheld entries."""
+    """Whether the record lists holdout (``released: false``) or withheld entries (read with the record reader)."""
+    from ..data.record import read_record, read_withheld
+
     if record is None or not Path(record).is_file():
         return False
-    for ln in Path(record).read_text().splitlines()[1:]:
-        if not ln.strip():
-            continue
-        e = json.loads(ln)
-        if flag == "holdout" and e.get("released") is False and not e.get("withheld"):
-            return True
-        if flag == "withheld" and e.get("withheld"):
-            return True
-    return False
+    if flag == "holdout":
+        return any(not e.released for e in read_record(record)[1])
+    try:
+        return bool(read_withheld(record)[1])
+    except RadioactiveError:
+        return False
 
 
 def _missing(entry, owner: OwnerFiles) -> str | None:

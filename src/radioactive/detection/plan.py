@@ -110,17 +110,10 @@ def read_plan(path: str | Path) -> AuditPlan:
     Raises:
         RadioactiveError: missing or malformed file.
     """
+    from ..data import read_json
+
     path = Path(path)
-    if path.is_dir():
-        path = path / PLAN_FILE
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise RadioactiveError(f"audit plan not readable: {path} ({e})") from e
-    try:
-        return AuditPlan.from_dict(d)
-    except RadioactiveError as e:
-        raise RadioactiveError(f"{path}: {e}") from e
+    return read_json(path / PLAN_FILE if path.is_dir() else path, "an audit plan", AuditPlan.from_dict)
 
 
 def write_plan(vault: str | Path, plan: AuditPlan) -> Path:

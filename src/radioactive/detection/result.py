@@ -277,14 +277,9 @@ class DetectionResult:
         Raises:
             RadioactiveError: missing, malformed or another schema's file.
         """
-        try:
-            d = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as e:
-            raise RadioactiveError(f"{path} is not a detection result ({e})") from e
-        try:
-            return cls.from_dict(d)
-        except RadioactiveError as e:
-            raise RadioactiveError(f"{path}: {e}") from e
+        from ..data import read_json
+
+        return read_json(path, "a detection result", cls.from_dict)
 
     def save(self, path: str | Path) -> Path:
         """Write the result as JSON (strict: no NaN or infinity), atomically."""
