@@ -339,7 +339,7 @@ def table(args) -> None:
     order = {m: i for i, m in enumerate(METHODS)}
     print("| test (validity) | model | samples | alpha 0.05: rate [99 % band] | alpha 0.01 | alpha 0.001 |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for (method, model), cells in sorted(by.items(), key=lambda kv: (order.get(kv[0][0], 9), MODELS.index(kv[0][1]))):
+    for (method, model), cells in sorted(by.items(), key=lambda kv: (order.get(kv[0][0], 9), MODELS.index(kv[0][1]) if kv[0][1] in MODELS else len(MODELS), kv[0][1])):
         first = next(iter(cells.values()))
         txt = []
         for a in (0.05, 0.01, 0.001):
