@@ -103,3 +103,16 @@ def test_cli_decoy_carrier(release, key, tmp_path, capsys):
         main(["detect", "--method", "decoy-carrier", "--record", str(release), "--key", str(tmp_path / "key.safetensors"),
               "--suspect", str(suspect), "--decoy-keys", "5"])
     assert e.value.code == 2 and "--decoy-keys does not apply to --method decoy-carrier" in capsys.readouterr().err
+
+
+def test_classes_restrict_the_test_and_duplicates_are_refused(release, key, tmp_path):
+    """The plan's classes reach the decoy-carrier test (they were refused at run time before): only those classes
+    are marked and ranked; a class named twice or unknown to the key is refused."""
+    suspect = linear_probe(tmp_path / "s.safetensors", 50.0 * key.carriers.numpy(), key)
+    res = decoy_carrier_detect(release, key, suspect, per_class=1, decoys=2, seed=0, only_classes=["ship", "cat"])
+    assert res.classes == ["cat", "ship"] and len(res.class_log10_pvalues) == 2
+    assert res.settings["classes"] == ["ship", "cat"] and res.details.images_per_class == [1, 1]
+    with pytest.raises(RadioactiveError, match="more than once"):
+        decoy_carrier_detect(release, key, suspect, per_class=1, decoys=2, only_classes=["cat", "cat"])
+    with pytest.raises(RadioactiveError, match="not in the key"):
+        decoy_carrier_detect(release, key, suspect, per_class=1, decoys=2, only_classes=["unicorn"])

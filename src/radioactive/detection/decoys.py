@@ -105,25 +105,29 @@ _RECENT: dict = {}  # the last marks computed, by their inputs: the decoy-carrie
 
 
 def decoy_marks(record: str | Path, key: Key, per_class: int = 20, decoys: int = 29, seed: int = 0,
-                device: str = "cpu") -> DecoyMarks:
+                device: str = "cpu", classes: tuple[str, ...] | None = None) -> DecoyMarks:
     """Steps 1-2 of the test (module docstring): the costly part, reusable for several suspects and by the
     label-only test (the last result is kept, keyed by the record's bytes, the key and the settings).
 
+    Args:
+        classes: test only these classes of the key (each once; None: every class with released marked images).
+
     Raises:
         RadioactiveError: the key does not match the record, no class has a released marked image,
-            n or M < 1, unreadable images.
+            n or M < 1, unreadable images, a class named twice or unknown to the key.
     """
+    check_unique(classes)
     ident = (sha256_file(Path(record)) if Path(record).is_file() else str(record), key.fingerprint, per_class, decoys,
-             seed, str(device))
+             seed, str(device), None if classes is None else tuple(classes))
     if ident in _RECENT:
         return _RECENT[ident]
-    marks = _decoy_marks(record, key, per_class, decoys, seed, device)
+    marks = _decoy_marks(record, key, per_class, decoys, seed, device, classes)
     _RECENT.clear()
     _RECENT[ident] = marks
     return marks
 
 
-def _decoy_marks(record, key: Key, per_class: int, decoys: int, seed: int, device: str) -> DecoyMarks:
+def _decoy_marks(record, key: Key, per_class: int, decoys: int, seed: int, device: str, classes) -> DecoyMarks:
     if per_class < 1 or decoys < 1:
         raise RadioactiveError("per_class and decoys must be at least 1")
     header, entries = read_record(record)
@@ -133,6 +137,11 @@ def _decoy_marks(record, key: Key, per_class: int, decoys: int, seed: int, devic
     cfg = record_marking_config(header)
     src_root = Path(header["source"]).resolve()
     index = {c: i for i, c in enumerate(key.classes)}
+    if classes is not None:
+        unknown = sorted(set(classes) - set(index))
+        if unknown:
+            raise RadioactiveError(f"classes {unknown} are not in the key")
+        index = {c: i for c, i in index.items() if c in set(classes)}
     pools: dict[int, list] = {}
     for e in entries:
         if e.released and e.class_name in index and len(pools.setdefault(index[e.class_name], [])) < per_class:
@@ -206,7 +215,8 @@ def carrier_statistics(suspect: str | Path, references: list, marks: DecoyMarks,
 def decoy_carrier_detect(record: str | Path, key: Key, suspect: str | Path,
                          reference: str | Path | list[str | Path] | tuple | None = None,
                          per_class: int = 20, decoys: int = 29, seed: int = 0, alpha: float = 1e-3,
-                         device: str = "cpu", marks: DecoyMarks | None = None) -> DetectionResult:
+                         device: str = "cpu", marks: DecoyMarks | None = None,
+                         only_classes: list[str] | tuple[str, ...] | None = None) -> DetectionResult:
     """Decoy-carrier test of a runnable suspect (module docstring: procedure, null, cost). Conservative.
 
     Args:
@@ -221,6 +231,7 @@ def decoy_carrier_detect(record: str | Path, key: Key, suspect: str | Path,
         seed: seed of the decoy carriers' stream, derived with the key's fingerprint (fix it before testing).
         alpha: significance level of the verdict.
         marks: :func:`decoy_marks` computed before (then per_class, decoys and seed are its own).
+        only_classes: test only these classes (each once), fixed before testing (default: every class).
 
     Returns:
         a :class:`DetectionResult` with method ``decoy-carrier``, validity ``conservative``;
@@ -232,7 +243,7 @@ def decoy_carrier_detect(record: str | Path, key: Key, suspect: str | Path,
     """
     t0 = time.time()
     if marks is None:
-        marks = decoy_marks(record, key, per_class, decoys, seed, device)
+        marks = decoy_marks(record, key, per_class, decoys, seed, device, only_classes)
     elif marks.key_fingerprint != key.fingerprint:
         raise RadioactiveError("the decoy marks were made with another key")
     references = [reference] if isinstance(reference, (str, Path)) else list(reference or ())
@@ -247,6 +258,7 @@ def decoy_carrier_detect(record: str | Path, key: Key, suspect: str | Path,
         classes=[key.classes[k] for k in marks.classes], class_log10_pvalues=class_log10.tolist(),
         dim=key.dim, key_fingerprint=key.fingerprint, suspect={"path": str(suspect)},
         settings={"references": [str(r) for r in references], "decoy_carriers": marks.decoys,
+                  "classes": list(only_classes) if only_classes else None,
                   "per_class": max(len(v) for v in marks.vanilla), "decoy_seed": marks.seed},
         details=DecoyCarrierDetails(
             [str(r) for r in references], [sha256_file(Path(r)) if Path(r).is_file() else None for r in references],
@@ -275,11 +287,8 @@ def _run(owner: OwnerFiles, suspect: SuspectAccess, config: DecoyCarrierConfig, 
     if suspect.path is None:
         raise RadioactiveError("the decoy-carrier test needs a runnable suspect (--suspect): it queries images made at "
                                "test time")
-    check_unique(config.classes)
-    if config.classes:
-        raise RadioactiveError("the decoy-carrier test runs on every class of the record; --classes is not supported")
     return decoy_carrier_detect(owner.record, owner.key, suspect.path, list(owner.references), config.per_class,
-                                config.decoy_carriers, config.decoy_seed, alpha)
+                                config.decoy_carriers, config.decoy_seed, alpha, only_classes=config.classes)
 
 
 def _null(owner: OwnerFiles, suspect: SuspectAccess, config: DecoyCarrierConfig, num: int, seed: int) -> np.ndarray:
@@ -287,7 +296,7 @@ def _null(owner: OwnerFiles, suspect: SuspectAccess, config: DecoyCarrierConfig,
     the first carrier plays the real one (for a model that never saw the marks the key's own carrier is as fresh as
     any). Cost: num times the test's marking."""
     m = config.decoy_carriers
-    marks = decoy_marks(owner.record, owner.key, config.per_class, (m + 1) * num - 1, seed)
+    marks = decoy_marks(owner.record, owner.key, config.per_class, (m + 1) * num - 1, seed, classes=config.classes)
     t_stats = carrier_statistics(suspect.path, list(owner.references), marks, owner.key.classes)
     return np.array([fisher_log10_pvalue(rank_pvalues(t_stats[:, g * (m + 1):(g + 1) * (m + 1)]))
                      for g in range(num)])

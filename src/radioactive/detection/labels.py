@@ -105,7 +105,8 @@ def write_label_queries(vault: str | Path, out: str | Path, config: LabelConfig)
     out = Path(out)
     if out.exists():
         raise RadioactiveError(f"{out} exists; choose a new folder for the query images")
-    marks = decoy_marks(v.record_path, key, config.per_class, config.decoy_carriers, config.decoy_seed)
+    marks = decoy_marks(v.record_path, key, config.per_class, config.decoy_carriers, config.decoy_seed,
+                        classes=config.classes)
     rng = derived_rng(key.fingerprint, "label query names", config.decoy_seed)
     tmp = out.with_name(out.name + ".partial")
     tmp.mkdir(parents=True)
@@ -173,6 +174,7 @@ class LabelConfig:
                              expected=">= 1")
     decoy_seed: int = setting(0, "labels: seed of the decoy carriers' stream", check=lambda v: v >= 0,
                               expected=">= 0")
+    classes: tuple[str, ...] | None = None
 
 
 def labels_detect(key: Key, suspect_hits: list[np.ndarray], reference_hits: list[list[np.ndarray]],
@@ -220,11 +222,13 @@ def _run(owner: OwnerFiles, suspect: SuspectAccess, config: LabelConfig, alpha: 
         hits, body = read_label_answers(suspect.outputs, owner.vault, config.top_k)
         if body.get("config", {}).get("decoy_carriers", config.decoy_carriers) != config.decoy_carriers:
             raise RadioactiveError("the label queries were written with other settings than the plan's")
-        marks = decoy_marks(owner.record, owner.key, config.per_class, config.decoy_carriers, config.decoy_seed) \
+        marks = decoy_marks(owner.record, owner.key, config.per_class, config.decoy_carriers, config.decoy_seed,
+                        classes=config.classes) \
             if refs else None
         classes = [owner.key.classes.index(c) for c in body["classes"]]
     else:
-        marks = decoy_marks(owner.record, owner.key, config.per_class, config.decoy_carriers, config.decoy_seed)
+        marks = decoy_marks(owner.record, owner.key, config.per_class, config.decoy_carriers, config.decoy_seed,
+                        classes=config.classes)
         hits = hits_of_model(suspect.path, marks, owner.key.classes, config.top_k)
         classes = marks.classes
     ref_hits = [hits_of_model(r, marks, owner.key.classes, config.top_k) for r in refs] if refs else []
@@ -237,7 +241,7 @@ def _run(owner: OwnerFiles, suspect: SuspectAccess, config: LabelConfig, alpha: 
 def _null(owner: OwnerFiles, suspect: SuspectAccess, config: LabelConfig, num: int, seed: int) -> np.ndarray:
     """``num`` independent null p-values from groups of M + 1 fresh carriers (as the decoy-carrier test's)."""
     m = config.decoy_carriers
-    marks = decoy_marks(owner.record, owner.key, config.per_class, (m + 1) * num - 1, seed)
+    marks = decoy_marks(owner.record, owner.key, config.per_class, (m + 1) * num - 1, seed, classes=config.classes)
     t = label_statistic(hits_of_model(suspect.path, marks, owner.key.classes, config.top_k))
     refs = [str(r) for r in owner.references]
     if refs:
