@@ -109,7 +109,7 @@ def _add_mark_settings(m) -> None:
     m.add_argument("--preset", choices=tuple(MARKING_PRESETS), default="linear",
                    help="the settings below that are not given come from this measured configuration: "
                         + "; ".join(f"{n}: {_preset_text(c)}" for n, c in MARKING_PRESETS.items())
-                        + " (from-scratch expects an in-domain marking network, docs/from-scratch.md)")
+                        + " (from-scratch expects an in-domain marking network, benchmarks/studies/from_scratch/NOTES.md)")
     for flag, kind, text in (  # not given: the preset's value (argparse.SUPPRESS leaves the attribute unset)
             ("--steps", _nonneg_int, "optimisation steps"),
             ("--lr", _positive_float, "Adam learning rate (pixels in [0, 1])"),

@@ -34,10 +34,10 @@ log = logging.getLogger(__name__)
 
 SETTINGS = ("from-scratch", "linear")
 _TRAINERS = {
-    "from-scratch": SCRATCH_RECIPE,  # docs/from-scratch.md, "Protocol"
+    "from-scratch": SCRATCH_RECIPE,  # benchmarks/studies/from_scratch/NOTES.md, "Protocol"
     "linear": TrainConfig(recipe="linear"),  # the linear recipe's defaults (30 epochs, 2 views)
 }
-# dB; 0: the preset's lambda_img (docs/from-scratch.md, "Calibrated marks and a softer loss")
+# dB; 0: the preset's lambda_img (benchmarks/studies/from_scratch/NOTES.md, "Calibrated marks and a softer loss")
 _TARGET_PSNR = {"from-scratch": 40.5, "linear": 0.0}
 
 
@@ -59,7 +59,7 @@ class DemoConfig:
             ``seed + 1`` and the references with ``seed + 2``, ``seed + 3``, ...; ``linear`` trains both suspects
             with ``seed``.
         references: ``from-scratch`` only: vanilla reference models of the gradient test (>= 1; each is one more
-            training; 1, 2 and 3 read -4.00 / -4.84 / -5.65 on seed 0, docs/from-scratch.md "The demo").
+            training; 1, 2 and 3 read -4.00 / -4.84 / -5.65 on seed 0, benchmarks/studies/from_scratch/NOTES.md "The demo").
         alpha: significance level of the verdicts.
         decoys: ``linear`` only: fresh random keys scored against each suspect (empirical p-value).
         marking: marking settings; None: the setting's preset in ``MARKING_PRESETS``.

@@ -316,7 +316,7 @@ def _train_scratch(x, y, num_classes, config, progress, device, teacher=None):
 
 
 SCRATCH_RECIPE = TrainConfig(recipe="scratch", architecture="resnet18", lr=0.05, weight_decay=5e-4, image_size=32)
-"""The from-scratch recipe (docs/from-scratch.md, "Protocol"): ResNet-18 at 32 px, SGD 0.05 with a cosine
+"""The from-scratch recipe (benchmarks/studies/from_scratch/NOTES.md, "Protocol"): ResNet-18 at 32 px, SGD 0.05 with a cosine
 schedule, weight decay 5e-4, 30 epochs. The one home of its numbers: the demo trains with it, and ``train
 --recipe scratch`` takes its lr and weight decay when none is given."""
 

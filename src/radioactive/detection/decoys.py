@@ -2,7 +2,7 @@
 
 Why: a model trained from scratch on marked images learns each carrier as a cue for its class. It then
 prefers a marked image x + delta to its mirror x - delta (the mark subtracted; see
-:func:`radioactive.blackbox.mirror_image`) on images it never saw marked (docs/from-scratch.md,
+:func:`radioactive.blackbox.mirror_image`) on images it never saw marked (benchmarks/studies/from_scratch/NOTES.md,
 cell 7). But a carrier moves all the images of its class in one direction, and even vanilla models like
 or dislike that direction as a class, so an image-level test of that preference has no valid null.
 The randomness the owner controls is the carrier: it was drawn uniformly on the unit sphere,

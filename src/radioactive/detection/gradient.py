@@ -1,7 +1,7 @@
 """Gradient test: a white-box test of a suspect trained from scratch, through its input gradients.
 
 Why: a network trained from scratch on marked images has its own feature space, which a linear alignment
-to the marking network's does not recover at small scale (docs/from-scratch.md), so the classic white-box
+to the marking network's does not recover at small scale (benchmarks/studies/from_scratch/NOTES.md), so the classic white-box
 test of its classifier rows fails. But such a suspect learns each carrier as a cue for its class: near
 the vanilla version x of a marked image, moving the pixels so that the marking network's features phi
 move along the class's carrier u lowers the suspect's loss. The test asks the suspect which way it wants
@@ -20,7 +20,7 @@ the softmax saturates and the few images it fits worst dominate each sum; a soft
 more evenly. The null holds for any T. The references are models
 the owner trained on vanilla images, without the key; subtracting them removes the part of h that any
 model trained on these photographs shares (without a reference that shared part dominates and the test
-loses most of its power: docs/from-scratch.md).
+loses most of its power: benchmarks/studies/from_scratch/NOTES.md).
 
 The test images are the vanilla originals of the released marked images, listed in the private record.
 
@@ -36,7 +36,7 @@ marking network per image: about 3 s per model for 1,000 CIFAR images (ResNet-18
 2 idle CPU cores). Memory: one batch of images and K x D sums per model.
 
 Fix the references before looking at a suspect's result: which vanilla model serves as the reference
-moves a reading by up to 1.7 orders of magnitude (docs/from-scratch.md), so choosing it afterwards
+moves a reading by up to 1.7 orders of magnitude (benchmarks/studies/from_scratch/NOTES.md), so choosing it afterwards
 would bias the p-value. Innocent models tested with the same key and references get correlated
 p-values (they share S_k's reference part); each p-value is still exact.
 """
@@ -64,7 +64,8 @@ from .registry import MethodEntry, register_method, setting
 from .result import DetectionResult, GradientDetails
 
 TEMPERATURE = 2.0
-"""Default T of the gradient test's loss (module docstring). Measured on the demo replicates (docs/from-scratch.md,
+"""Default T of the gradient test's loss (module docstring). Measured on the demo replicates
+(benchmarks/studies/from_scratch/NOTES.md,
 "Calibrated marks and a softer loss"): with one reference, T = 2 read p-values 1.4 to 3.9 orders of magnitude
 lower than T = 1 on six marked suspects, the vanilla controls unchanged (-0.15 to -1.19); chosen among 1, 2, 4, 8
 and 16 on three of the suspects, then confirmed on the three others."""

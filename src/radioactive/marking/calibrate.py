@@ -2,7 +2,7 @@
 
 The PSNR a fixed lambda_img gives depends on the marking network (the scale of its features and of their
 gradients): the from-scratch preset's 0.7 gave 42.45, 41.07 and 41.60 dB with three ResNet-18 marking
-networks trained on one vanilla slice with seeds 0, 1 and 2 (docs/from-scratch.md, "The demo"). Marks as
+networks trained on one vanilla slice with seeds 0, 1 and 2 (benchmarks/studies/from_scratch/NOTES.md, "The demo"). Marks as
 strong as a PSNR budget allows need the weight chosen per marking network.
 
 Method: mark a pilot (an evenly spaced sample of the images the run marks, with the run's own seed, so each

@@ -110,7 +110,7 @@ MARKING_PRESETS: dict[str, MarkingConfig] = {
 
 * ``linear``: the class defaults. With the ImageNet EfficientNet-Lite0 marking network at 64 px, they are
   what the linear-probe and fine-tuning studies measured (docs/results.md); about 42 dB.
-* ``from-scratch``: the best found for suspects trained from scratch (docs/from-scratch.md, cells 4-5):
+* ``from-scratch``: the best found for suspects trained from scratch (benchmarks/studies/from_scratch/NOTES.md, cells 4-5):
   the CIFAR trainer's pad-4 crop + flip while marking, and lambda_img 0.7, the pixel weight that gives
   about 41.4 dB with an in-domain marking network whose features have a norm of about 15 (a ResNet-18
   trained at 32 px on the owner's vanilla images, ``radioactive train --recipe scratch``). With
