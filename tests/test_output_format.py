@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -127,9 +128,12 @@ def test_report_of_a_lossy_release_says_so(jpeg_run, tmp_path):
     from radioactive.report import html_report
 
     summary, out, _, _, _ = jpeg_run
-    result = DetectionResult(method="white-box", log10_pvalue=-3.0, detected=True, alpha=1e-3, classes=["a"],
-                             cosines=[0.1], class_log10_pvalues=[-3.0], dim=1280, alignment_r2=1.0,
-                             num_alignment_images=100, key_fingerprint="abc")
+    from radioactive.detection.result import WhiteBoxDetails
+
+    fingerprint = json.loads(Path(summary.record).read_text().splitlines()[0])["key_fingerprint"]
+    result = DetectionResult(method="white-box", validity="exact", log10_pvalue=-3.0, alpha=1e-3, classes=["a"],
+                             cosines=[0.1], class_log10_pvalues=[-3.0], dim=1280, key_fingerprint=fingerprint,
+                             details=WhiteBoxDetails(alignment_r2=1.0, num_alignment_images=100))
     html = html_report(result, tmp_path / "r.html", record=summary.record).read_text()
     assert "Lossy release" in html and "jpeg, quality 75" in html
     assert f"{100 * summary.mark_survival:.1f} %" in html
